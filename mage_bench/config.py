@@ -1,0 +1,289 @@
+"""Typed, frozen configuration: the one place where defaults live.
+
+Precedence is implemented once, in `resolve_config`: CLI > config file > dataclass defaults.
+Layers are merged as plain dicts first and only then turned into dataclasses, so a file that says
+`tokenizer: {name: vqgan_mage}` starts from that preset, not from the default preset's numbers.
+Unknown keys are errors naming the full key path with a "did you mean".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mage_bench.errors import ConfigError
+from mage_bench.registry import Registry, did_you_mean
+
+C = TypeVar("C")
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"  # registry spec: digits | imagefolder:PATH | cifar10:ROOT
+    image_size: int = 16  # digits are 8x8 originally; 16 px gives an 8x8 token grid at stride 2
+    test_fraction: float = 0.2  # digits only: held-out share of the stratified split
+    split_seed: int = 0  # digits only: the split is fixed by this seed and recorded with the run
+    download: bool = False  # cifar10 only: never download unless asked explicitly
+    num_workers: int = 0  # DataLoader workers for folder data sets (in-memory sets ignore it)
+
+
+# Presets of the VQGAN tokenizer. `vqgan_mage` is the official MAGE/MaskGIT configuration
+# (config/vqgan.yaml in the official repository: its attn_resolutions entry is unused there).
+TOKENIZER_PRESETS: Registry[dict[str, Any]] = Registry("tokenizer")
+TOKENIZER_PRESETS.register("vqgan_mage")(
+    dict(in_channels=3, resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+         z_channels=256, n_embed=1024, embed_dim=256, norm_groups=32, dropout=0.0)
+)
+# Digits at 16 px -> 8x8 = 64 tokens: enough to mask at MAGE's ratios, cheap on 2 CPU cores.
+# A 16-dim codebook with 64 latent channels (projected in/out) keeps nearly all codes in use.
+TOKENIZER_PRESETS.register("vq_digits")(
+    dict(in_channels=3, resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+         z_channels=64, n_embed=128, embed_dim=16, norm_groups=8, dropout=0.0)
+)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """VQGAN architecture. Field names follow the official constructor (`ddconfig`, `n_embed`, `embed_dim`)."""
+
+    name: str = "vq_digits"  # preset the other fields start from
+    in_channels: int = 3
+    resolution: int = 16  # image side the tokenizer is built for
+    ch: int = 32  # base channel count
+    ch_mult: tuple[int, ...] = (1, 2)  # one entry per resolution; len-1 average-pool downsamplings
+    num_res_blocks: int = 1
+    z_channels: int = 64  # encoder output channels
+    n_embed: int = 128  # codebook size
+    embed_dim: int = 16  # codebook vector size; != z_channels adds 1x1 projections (not in official)
+    norm_groups: int = 8  # GroupNorm groups (official 32)
+    dropout: float = 0.0
+
+    @classmethod
+    def preset_defaults(cls, name: str) -> dict[str, Any]:
+        return dict(TOKENIZER_PRESETS.get(name), name=name)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def token_grid(self) -> int:
+        return self.resolution // self.downsample
+
+    def validate(self, path: str) -> None:
+        _require(self.ch > 0 and self.num_res_blocks >= 1, f"{path}.ch/num_res_blocks must be positive")
+        _require(len(self.ch_mult) >= 1 and all(m > 0 for m in self.ch_mult), f"{path}.ch_mult must be positive")
+        for width in [self.ch * m for m in self.ch_mult]:
+            _require(width % self.norm_groups == 0,
+                     f"{path}.norm_groups={self.norm_groups} must divide every width ch*ch_mult ({width})")
+        _require(self.resolution % self.downsample == 0,
+                 f"{path}.resolution={self.resolution} must be divisible by 2**(len(ch_mult)-1)={self.downsample}")
+        _require(self.n_embed >= 2 and self.embed_dim >= 1, f"{path}.n_embed/embed_dim too small")
+
+
+@dataclass(frozen=True)
+class TokenizerTrainConfig:
+    steps: int = 1200  # ~100 s for vq_digits on 2 cores
+    batch_size: int = 64
+    lr: float = 2e-3  # Adam; small conv nets on digits tolerate a high rate after warmup
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05  # cosine decays to lr * this
+    grad_clip: float = 1.0
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    commitment_beta: float = 0.25  # official VQGAN beta
+    codebook_init: str = "kmeans"  # kmeans | uniform (official init, collapses easily on small data)
+    dead_code_every: int = 50  # steps between restarts of codes unused in that window; 0 = off
+    gan_weight: float = 0.0  # patch-GAN adversarial loss weight; off by default on CPU
+    gan_start_step: int = 0
+    disc_lr: float = 2e-4
+    hflip: bool = False  # horizontal-flip augmentation (wrong for digits, right for natural images)
+    checkpoint_every: int = 200
+    log_every: int = 25
+    eval_images: int = 512  # test images used for the card's reconstruction metrics
+
+    def validate(self, path: str) -> None:
+        _require(self.steps >= 1, f"{path}.steps must be >= 1")
+        _require(self.batch_size >= 2, f"{path}.batch_size must be >= 2")
+        _require(self.lr > 0, f"{path}.lr must be > 0")
+        _require(self.codebook_init in ("kmeans", "uniform"),
+                 f"{path}.codebook_init must be 'kmeans' or 'uniform', not {self.codebook_init!r}")
+        _require(self.checkpoint_every >= 1 and self.log_every >= 1, f"{path}.checkpoint_every/log_every must be >= 1")
+        _require(self.gan_weight >= 0, f"{path}.gan_weight must be >= 0")
+
+
+@dataclass(frozen=True)
+class TokenizerJobConfig:
+    """Everything `mage-bench tokenizer train` needs; written in full to the output folder."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+
+    def validate(self, path: str = "") -> None:
+        _require(self.data.image_size == self.tokenizer.resolution,
+                 f"data.image_size={self.data.image_size} differs from tokenizer.resolution="
+                 f"{self.tokenizer.resolution}; set one to match the other")
+
+
+# --------------------------------------------------------------------------------------------
+# Machinery
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """Check `value` against the type hint, converting only lossless cases (int -> float, list -> tuple)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path} must be a mapping of {hint.__name__} keys, not {type(value).__name__}")
+        return from_dict(hint, value, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, not {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{path} must have {len(args)} entries, not {len(value)}")
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path} must be a mapping, not {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path} must be true or false, not {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path} must be an integer, not {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path} must be a number, not {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path} must be a string, not {value!r}")
+    return value
+
+
+def from_dict(cls: type[C], data: Mapping[str, Any] | None, path: str = "") -> C:
+    """Build dataclass `cls` from a (possibly partial) mapping, rejecting unknown keys.
+
+    A class with `preset_defaults(name)` starts from the named preset's values.
+    """
+    data = dict(data or {})
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            where = _join(path, str(key))
+            raise ConfigError(f"unknown config key {where!r}{did_you_mean(str(key), names)}")
+    if hasattr(cls, "preset_defaults") and "name" in data:
+        if not isinstance(data["name"], str):
+            raise ConfigError(f"{_join(path, 'name')} must be a string, not {data['name']!r}")
+        try:
+            preset = cls.preset_defaults(data["name"])
+        except ConfigError:
+            raise
+        except Exception as exc:  # registry miss: say which key held the bad name
+            raise ConfigError(f"{_join(path, 'name')}: {exc}") from None
+        data = {**preset, **data}
+    hints = typing.get_type_hints(cls)
+    kwargs = {key: _coerce(value, hints[key], _join(path, key)) for key, value in data.items()}
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(path or cls.__name__)
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """A plain, YAML/JSON-safe dict (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursively overlay `override` on `base` (mappings merge; everything else is replaced)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_config(cls: type[C], file_layer: Mapping[str, Any] | None = None,
+                   cli_layer: Mapping[str, Any] | None = None) -> C:
+    """The one implementation of precedence: CLI > config file > dataclass defaults."""
+    return from_dict(cls, deep_merge(dict(file_layer or {}), dict(cli_layer or {})))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top, not {type(data).__name__}")
+    return data
+
+
+def dump_yaml(obj: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+
+
+def cli_layer(**dotted: Any) -> dict[str, Any]:
+    """{'train.steps': 5, 'seed': None} -> {'train': {'steps': 5}}; None means 'not given on the CLI'."""
+    layer: dict[str, Any] = {}
+    for key, value in dotted.items():
+        if value is None:
+            continue
+        node = layer
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return layer
