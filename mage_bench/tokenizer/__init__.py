@@ -1,0 +1,56 @@
+"""Tokenizers: images in [0, 1] <-> discrete codebook indices.
+
+`create_tokenizer(name, **overrides)` builds a registered preset (see `config.TOKENIZER_PRESETS`);
+`load_tokenizer(path)` reads a folder made by `mage-bench tokenizer train` or `mage-bench import`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from mage_bench.config import TokenizerConfig, from_dict, to_dict
+from mage_bench.errors import CheckpointError, ConfigError
+
+WEIGHTS_FILE = "tokenizer.pt"
+CARD_FILE = "card.json"
+FORMAT = "mage-bench/tokenizer/1"
+
+
+def tokenizer_config(name: str, **overrides: Any) -> TokenizerConfig:
+    return from_dict(TokenizerConfig, {"name": name, **overrides}, "tokenizer")
+
+
+def create_tokenizer(name: str, **overrides: Any):
+    """A freshly initialised tokenizer of preset `name` (e.g. `vqgan_mage`, `vq_digits`)."""
+    from mage_bench.tokenizer.vqgan import VQGAN
+
+    return VQGAN(tokenizer_config(name, **overrides))
+
+
+def tokenizer_payload(model) -> dict[str, Any]:
+    """What `tokenizer.pt` holds: plain values and tensors only, so `weights_only=True` loads it."""
+    return {"format": FORMAT, "config": to_dict(model.config), "state_dict": model.state_dict()}
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Load `models/NAME/` (or its `tokenizer.pt`) into a tokenizer in eval mode."""
+    from mage_bench.io import safe_torch_load
+    from mage_bench.tokenizer.checkpoint import check_state_dict
+    from mage_bench.tokenizer.vqgan import VQGAN
+
+    path = Path(path)
+    file = path / WEIGHTS_FILE if path.is_dir() else path
+    payload = safe_torch_load(file)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{file} is not a mage-bench tokenizer; official weights go through "
+                              "`mage-bench import PATH --kind vqgan --out models/NAME` first")
+    try:
+        cfg = from_dict(TokenizerConfig, payload["config"], "tokenizer")
+    except ConfigError as exc:
+        raise CheckpointError(f"{file} holds an invalid tokenizer config: {exc}") from None
+    model = VQGAN(cfg)
+    check_state_dict(model, payload["state_dict"], source=str(file))
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model.eval()
