@@ -1,0 +1,104 @@
+import json
+
+import pytest
+import torch
+
+from mage_bench.config import TokenizerJobConfig, resolve_config
+from mage_bench.data import create_dataset
+from mage_bench.errors import UserError
+from mage_bench.io import sha256_file
+from mage_bench.tokenizer import load_tokenizer
+from mage_bench.tokenizer.train import STATE_FILE, kmeans, safe_torch_load, train_tokenizer
+
+
+def _config(layer, **train):
+    return resolve_config(TokenizerJobConfig, layer, {"train": train} if train else None)
+
+
+def _recon_l1(model, images):
+    return float((model.decode(model.encode(images)) - images).abs().mean())
+
+
+def test_training_lowers_reconstruction_loss_and_writes_a_card(tmp_path, tiny_job_layer):
+    cfg = _config(tiny_job_layer, steps=40)
+    card = train_tokenizer(cfg, tmp_path / "vq", progress=False)
+    test_images = create_dataset(cfg.data, "test").tensors()[0][:64]
+
+    torch.manual_seed(cfg.seed)  # the same initialisation, untrained
+    from mage_bench.tokenizer.vqgan import VQGAN
+    untrained = VQGAN(cfg.tokenizer).eval()
+    trained = load_tokenizer(tmp_path / "vq")
+    assert _recon_l1(trained, test_images) < 0.6 * _recon_l1(untrained, test_images)
+
+    log = [json.loads(line) for line in (tmp_path / "vq" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(2, 41, 2))
+    assert log[-1]["l1"] < log[0]["l1"]
+
+    m = card["metrics"]["test"]
+    assert m["psnr_db"] > 10 and 0 < m["codebook_usage"] <= 1 and 1 <= m["perplexity"] <= 32
+    assert m["codes_used"] == round(m["codebook_usage"] * 32)
+    assert card["sha256"] == sha256_file(tmp_path / "vq" / "tokenizer.pt")
+    assert card["token_grid"] == [8, 8] and card["steps"] == 40
+    saved = json.loads((tmp_path / "vq" / "card.json").read_text())
+    assert saved["metrics"] == card["metrics"]
+
+
+def test_interrupt_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_job_layer):
+    cfg = _config(tiny_job_layer)  # 12 steps, checkpoints every 4, code restarts every 5
+    train_tokenizer(cfg, tmp_path / "straight", progress=False)
+    assert train_tokenizer(cfg, tmp_path / "split", progress=False, stop_at=6) == {"interrupted_at": 6}
+    train_tokenizer(cfg, tmp_path / "split", resume=True, progress=False)
+
+    a = load_tokenizer(tmp_path / "straight").state_dict()
+    b = load_tokenizer(tmp_path / "split").state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # no step logged twice
+
+
+def test_resume_rewinds_to_the_last_checkpoint(tmp_path, tiny_job_layer):
+    cfg = _config(tiny_job_layer)
+    train_tokenizer(cfg, tmp_path / "run", progress=False, stop_at=6)
+    # A crash after step 6 but before the next checkpoint: the state on disk says step 6.
+    assert safe_torch_load(tmp_path / "run" / STATE_FILE)["step"] == 6
+    card = train_tokenizer(cfg, tmp_path / "run", resume=True, progress=False)
+    assert card["steps"] == 12
+
+
+def test_existing_state_needs_resume_and_resume_needs_same_config(tmp_path, tiny_job_layer):
+    cfg = _config(tiny_job_layer)
+    train_tokenizer(cfg, tmp_path / "run", progress=False, stop_at=4)
+    with pytest.raises(UserError, match="already holds a training state; pass --resume"):
+        train_tokenizer(cfg, tmp_path / "run", progress=False)
+    with pytest.raises(UserError, match="config differs .*sections: train"):
+        train_tokenizer(_config(tiny_job_layer, lr=1e-4), tmp_path / "run", resume=True, progress=False)
+
+
+def test_batch_larger_than_data_is_a_user_error(tmp_path, tiny_job_layer):
+    with pytest.raises(UserError, match="fewer than train.batch_size=5000"):
+        train_tokenizer(_config(tiny_job_layer, batch_size=5000), tmp_path / "run", progress=False)
+
+
+def test_kmeans_finds_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = torch.cat([c + 0.1 * torch.randn(50, 2, generator=g) for c in centres])
+    found = kmeans(points, 3, torch.Generator().manual_seed(1), iters=20)
+    assert torch.cdist(centres, found).min(1).values.max() < 0.2
+
+
+def test_optional_gan_loss_trains(tmp_path, tiny_job_layer):
+    cfg = _config(tiny_job_layer, steps=4, gan_weight=0.1)
+    card = train_tokenizer(cfg, tmp_path / "gan", progress=False)
+    assert card["config"]["train"]["gan_weight"] == 0.1
+
+
+def test_resuming_a_finished_run_returns_its_card(tmp_path, tiny_job_layer):
+    cfg = _config(tiny_job_layer, steps=4)
+    first = train_tokenizer(cfg, tmp_path / "run", progress=False)
+    again = train_tokenizer(cfg, tmp_path / "run", resume=True, progress=False)
+    assert again == first
+    with pytest.raises(UserError, match="trained with another config"):
+        train_tokenizer(_config(tiny_job_layer, steps=5), tmp_path / "run", resume=True, progress=False)
