@@ -1,0 +1,192 @@
+"""The `mage-bench` command: thin subcommands that parse, build a config and call one library function.
+
+Heavy imports (torch, torchvision, scikit-learn) happen inside the command functions, so
+`mage-bench --help` answers instantly. Exit codes: 0 success, 2 bad input (one line on stderr),
+1 internal failure. With `--json`, stdout carries exactly one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mage_bench import __version__
+from mage_bench.errors import NotImplementedYet, UserError
+
+EXAMPLES = """\
+examples:
+  mage-bench tokenizer train --data digits --out models/vq-digits
+  mage-bench import vqgan_jax_strongaug.ckpt --kind vqgan --out models/vqgan-official
+  mage-bench sweep masking --preset tiny
+"""
+
+# Where each contract command's implementation is tracked until it lands.
+PENDING = {
+    "train": "the MAGE model and training issue",
+    "generate": "the MAGE model and training issue",
+    "eval": "the evaluators issue",
+    "sweep": "the sweeps and reports issue",
+    "report": "the sweeps and reports issue",
+    "import-mage": "the MAGE model and training issue",
+}
+
+
+def _progress_enabled(args: argparse.Namespace) -> bool:
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+def _emit(args: argparse.Namespace, document: Any, human: str) -> None:
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    else:
+        print(human)
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_not_implemented(args: argparse.Namespace) -> int:
+    key = args.command if args.command != "import" else f"import-{args.kind}"
+    raise NotImplementedYet(f"`mage-bench {args.command}` is not implemented yet (tracked in {PENDING[key]}); "
+                            "nothing was run")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from mage_bench.config import TokenizerJobConfig, cli_layer, load_yaml, resolve_config
+
+    file_layer = load_yaml(args.config) if args.config else {}
+    # --image-size sets both the data and the tokenizer's design size, which must agree.
+    layer = cli_layer(**{"data.name": args.data, "data.image_size": args.image_size,
+                         "tokenizer.resolution": args.image_size, "seed": args.seed,
+                         "train.steps": args.steps, "train.batch_size": args.batch_size,
+                         "tokenizer.name": args.tokenizer})
+    config = resolve_config(TokenizerJobConfig, file_layer, layer)
+    from mage_bench.tokenizer.train import train_tokenizer
+
+    card = train_tokenizer(config, args.out, resume=args.resume, progress=_progress_enabled(args))
+    m = card["metrics"]["test"]
+    _emit(args, card,
+          f"tokenizer written to {args.out} ({card['steps']} steps, {card['train_time_s']:.0f} s): "
+          f"test PSNR {m['psnr_db']:.2f} dB, codebook usage {m['codes_used']}/{card['codebook_size']} "
+          f"({100 * m['codebook_usage']:.0f}%), perplexity {m['perplexity']:.1f}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    if args.kind != "vqgan":
+        return cmd_not_implemented(args)
+    from mage_bench.tokenizer.checkpoint import import_official_vqgan
+
+    card = import_official_vqgan(args.path, args.out)
+    _emit(args, card, f"imported {args.path} ({card['source']['layout']} layout) into {args.out}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    return cmd_not_implemented(args)
+
+
+# --------------------------------------------------------------------------------------------
+# Parser
+
+
+def _common(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="print one JSON document on stdout, nothing else")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mage-bench", description="Train, sweep and evaluate MAGE (MAsked Generative Encoder).",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"mage-bench {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="train MAGE into a run folder (not implemented yet)")
+    p.add_argument("--model"), p.add_argument("--data"), p.add_argument("--out")
+    p.add_argument("--masking"), p.add_argument("--contrastive-weight", type=float)
+    p.add_argument("--epochs", type=int), p.add_argument("--steps", type=int), p.add_argument("--seed", type=int)
+    p.add_argument("--config"), p.add_argument("--resume", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_not_implemented)
+
+    p = sub.add_parser("generate", help="iterative decoding from a run (not implemented yet)")
+    p.add_argument("--run"), p.add_argument("--num", type=int), p.add_argument("--out")
+    p.add_argument("--steps", type=int, default=12), p.add_argument("--temperature", type=float, default=4.5)
+    p.add_argument("--seed", type=int)
+    _common(p)
+    p.set_defaults(func=cmd_not_implemented)
+
+    p = sub.add_parser("eval", help="FID/IS/KID/PR, linear probe, few-shot, kNN (not implemented yet)")
+    p.add_argument("evaluator", choices=["fid", "linear", "fewshot", "knn", "all"])
+    p.add_argument("--run"), p.add_argument("--data"), p.add_argument("--real"), p.add_argument("--fake")
+    p.add_argument("--num", type=int), p.add_argument("--extractor"), p.add_argument("--backend")
+    p.add_argument("--isc", action="store_true"), p.add_argument("--kid", action="store_true")
+    p.add_argument("--prc", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_not_implemented)
+
+    p = sub.add_parser("sweep", help="run a sweep spec and write its report (not implemented yet)")
+    p.add_argument("spec", help="masking | contrastive | PATH.yaml")
+    p.add_argument("--preset", default="tiny"), p.add_argument("--executor", default="local")
+    p.add_argument("--runs"), p.add_argument("--out"), p.add_argument("--dry-run", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="collate run folders into CSV + HTML (not implemented yet)")
+    p.add_argument("runs", nargs="+"), p.add_argument("--out")
+    _common(p)
+    p.set_defaults(func=cmd_not_implemented)
+
+    p = sub.add_parser("import", help="import official checkpoints into models/NAME",
+                       description="Import official weights strictly and safely (weights_only=True).")
+    p.add_argument("path", help="official checkpoint, e.g. vqgan_jax_strongaug.ckpt")
+    p.add_argument("--kind", choices=["mage", "vqgan"], required=True)
+    p.add_argument("--out", required=True, help="models/NAME")
+    _common(p)
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    t = tsub.add_parser("train", help="train a VQGAN tokenizer on your data",
+                        description="Train a small VQGAN tokenizer. Precedence: CLI flags > --config file > defaults.",
+                        epilog="example:\n  mage-bench tokenizer train --data digits --out models/vq-digits",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--data", help="digits | imagefolder:PATH | cifar10:ROOT (default digits)")
+    t.add_argument("--out", required=True, help="output folder, e.g. models/vq-digits")
+    t.add_argument("--config", help="YAML file with seed/data/tokenizer/train sections")
+    t.add_argument("--tokenizer", help="preset to start from (vq_digits, vqgan_mage)")
+    t.add_argument("--image-size", type=int), t.add_argument("--steps", type=int)
+    t.add_argument("--batch-size", type=int), t.add_argument("--seed", type=int)
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    _common(t)
+    t.set_defaults(func=cmd_tokenizer_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except UserError as exc:
+        print(f"mage-bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mage-bench: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print("mage-bench: internal error (a bug): please report it with the traceback above", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

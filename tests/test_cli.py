@@ -1,0 +1,69 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mage_bench.cli import main
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from mage_bench.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_help_lists_every_contract_command(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("train", "generate", "eval", "sweep", "report", "import", "tokenizer"):
+        assert command in text
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--model", "mage_tiny", "--data", "digits", "--out", "runs/x"],
+    ["generate", "--run", "runs/x", "--num", "4", "--out", "samples"],
+    ["eval", "fid", "--real", "a", "--fake", "b"],
+    ["eval", "all", "--run", "runs/x", "--data", "digits"],
+    ["sweep", "masking"],
+    ["report", "runs/masking", "--out", "reports/masking"],
+    ["import", "x.pth", "--kind", "mage", "--out", "models/m"],
+])
+def test_unbuilt_commands_say_so_and_exit_2(argv, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "is not implemented yet" in captured.err and captured.err.count("\n") == 1
+    assert captured.out == ""
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["import", "x.pth"])  # --kind and --out missing
+    assert info.value.code == 2
+
+
+def test_tokenizer_train_json_and_bad_config(tmp_path, tiny_job_layer, capsys):
+    config = tmp_path / "tok.yaml"
+    config.write_text(yaml.safe_dump({**tiny_job_layer, "train": {**tiny_job_layer["train"], "steps": 3}}))
+    out = tmp_path / "vq"
+    assert main(["tokenizer", "train", "--data", "digits", "--out", str(out), "--config", str(config),
+                 "--json", "--quiet"]) == 0
+    card = json.loads(capsys.readouterr().out)  # exactly one JSON document
+    assert card["steps"] == 3 and (out / "card.json").exists() and (out / "config.yaml").exists()
+
+    config.write_text("train: {stpes: 3}\n")
+    assert main(["tokenizer", "train", "--out", str(tmp_path / "v2"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.stpes' (did you mean 'steps'?)" in err and err.count("\n") == 1
+    assert not (tmp_path / "v2").exists()
+
+
+def test_console_script_entry_point(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mage_bench.cli", "tokenizer", "train", "--data", "nope",
+                             "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("mage-bench: error: unknown data set 'nope'; choose one of: cifar10, "
+                                     "digits, imagefolder")
