@@ -102,3 +102,38 @@ def test_resuming_a_finished_run_returns_its_card(tmp_path, tiny_job_layer):
     assert again == first
     with pytest.raises(UserError, match="trained with another config"):
         train_tokenizer(_config(tiny_job_layer, steps=5), tmp_path / "run", resume=True, progress=False)
+
+
+def test_cli_survives_kill_9_and_resumes_to_the_same_weights(tmp_path, tiny_job_layer):
+    """A real SIGKILL mid-training, then `--resume`: same weights as an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    layer = {**tiny_job_layer, "train": {**tiny_job_layer["train"], "steps": 120, "checkpoint_every": 20}}
+    config = tmp_path / "tok.yaml"
+    config.write_text(yaml.safe_dump(layer))
+    command = [sys.executable, "-m", "mage_bench.cli", "tokenizer", "train", "--config", str(config), "--quiet"]
+    killed = subprocess.Popen(command + ["--out", str(tmp_path / "killed")])
+    state = tmp_path / "killed" / STATE_FILE
+    deadline = time.monotonic() + 120
+    while not state.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "card.json").exists(), "training finished before it could be killed"
+    subprocess.run(command + ["--out", str(tmp_path / "killed"), "--resume"], check=True)
+    subprocess.run(command + ["--out", str(tmp_path / "straight")], check=True)
+    a = load_tokenizer(tmp_path / "killed").state_dict()
+    b = load_tokenizer(tmp_path / "straight").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_out_that_is_a_file_is_a_user_error(tmp_path, tiny_job_layer):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file; give a folder"):
+        train_tokenizer(_config(tiny_job_layer), tmp_path / "file", progress=False)

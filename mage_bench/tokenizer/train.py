@@ -222,6 +222,8 @@ def train_tokenizer(config: TokenizerJobConfig, out_dir: str | Path, resume: boo
     from mage_bench.data import create_dataset
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder such as models/NAME")
     state_path = out / STATE_FILE
     if state_path.exists() and not resume:
         raise UserError(f"{out} already holds a training state; pass --resume to continue it or choose another --out")
