@@ -288,3 +288,149 @@ def cli_layer(**dotted: Any) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = value
     return layer
+
+
+# --------------------------------------------------------------------------------------------
+# MAGE runs (`mage-bench train`)
+
+# Model presets. The official sizes follow models_mage.py (mage_vit_base_patch16 /
+# mage_vit_large_patch16: 256 tokens, 1024 codes, 1000 reserved class ids, fake class id 1100,
+# the legacy unused parameters kept so official checkpoints load strictly).
+MODEL_PRESETS: Registry[dict[str, Any]] = Registry("model")
+_OFFICIAL = dict(num_tokens=256, codebook_size=1024, num_class_ids=1000, fake_class_offset=76,
+                 mlp_ratio=4.0, dropout=0.1, legacy_params=True, img_size=256, patch_size=16)
+MODEL_PRESETS.register("mage_vit_base_patch16")(
+    dict(_OFFICIAL, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=768, decoder_depth=8,
+         decoder_num_heads=16))
+MODEL_PRESETS.register("mage_vit_large_patch16")(
+    dict(_OFFICIAL, embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=1024, decoder_depth=8,
+         decoder_num_heads=16))
+# CPU presets for the digits tokenizer (8x8 = 64 tokens, 128 codes). One class id is enough: the
+# 1000 reserved ids of the official vocabulary are a legacy of its JAX checkpoint.
+_DIGITS = dict(num_tokens=64, codebook_size=128, num_class_ids=1, fake_class_offset=0, mlp_ratio=4.0,
+               dropout=0.1, legacy_params=False, img_size=16, patch_size=2)
+MODEL_PRESETS.register("mage_tiny")(
+    dict(_DIGITS, embed_dim=128, depth=4, num_heads=4, decoder_embed_dim=128, decoder_depth=2,
+         decoder_num_heads=4))
+MODEL_PRESETS.register("mage_small")(
+    dict(_DIGITS, embed_dim=192, depth=6, num_heads=6, decoder_embed_dim=192, decoder_depth=4,
+         decoder_num_heads=6))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """MAGE encoder/decoder. Names follow the official constructor where it has one."""
+
+    name: str = "mage_tiny"  # preset the other fields start from
+    num_tokens: int = 64  # L: tokens per image (token grid h*w of the tokenizer)
+    codebook_size: int = 128  # tokenizer codes; logits beyond these are never trained
+    num_class_ids: int = 1  # ids reserved after the codes (official 1000)
+    fake_class_offset: int = 0  # class-token id = codebook_size + this (official 76 -> id 1100)
+    embed_dim: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    decoder_embed_dim: int = 128
+    decoder_depth: int = 2
+    decoder_num_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1  # embedding, attention, projection and MLP dropout (official 0.1)
+    legacy_params: bool = False  # keep the official never-used parameters (strict loading)
+    img_size: int = 16  # only sizes the legacy patch_embed / decoder_pred parameters
+    patch_size: int = 2
+
+    @classmethod
+    def preset_defaults(cls, name: str) -> dict[str, Any]:
+        return dict(MODEL_PRESETS.get(name), name=name)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.codebook_size + self.num_class_ids + 1  # codes, class ids, [MASK]
+
+    def validate(self, path: str) -> None:
+        _require(self.embed_dim % self.num_heads == 0, f"{path}.embed_dim must be divisible by num_heads")
+        _require(self.decoder_embed_dim % self.decoder_num_heads == 0,
+                 f"{path}.decoder_embed_dim must be divisible by decoder_num_heads")
+        _require(0 <= self.fake_class_offset < self.num_class_ids,
+                 f"{path}.fake_class_offset must be in [0, num_class_ids)")
+        _require(self.num_tokens >= 2 and self.depth >= 1 and self.decoder_depth >= 1,
+                 f"{path}: num_tokens >= 2, depth >= 1 and decoder_depth >= 1 are required")
+        _require(0.0 <= self.dropout < 1.0, f"{path}.dropout must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    spec: str = "truncnorm:mean=0.55,std=0.25,min=0.5,max=1.0"  # the official distribution
+    # Share of tokens always dropped from the encoder. None: the distribution's lower bound, which
+    # is what the official code does (its truncation minimum is also its drop share).
+    mask_ratio_min: float | None = None
+    per_sample: bool = False  # one ratio per sample instead of one per batch (official: per batch)
+
+
+@dataclass(frozen=True)
+class ContrastiveConfig:
+    """MAGE-C. The official repository never released it; see mage_bench/mage/contrastive.py."""
+
+    weight: float = 0.0  # 0 = plain MAGE: no second view is computed
+    temperature: float = 0.2
+    proj_hidden_dim: int | None = None  # None: the encoder width
+    proj_dim: int = 128
+
+    def validate(self, path: str) -> None:
+        _require(self.weight >= 0, f"{path}.weight must be >= 0")
+        _require(self.temperature > 0, f"{path}.temperature must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer steps (a budget in steps, not time, keeps runs comparable)
+    batch_size: int = 128  # per process; the effective batch multiplies by the world size
+    blr: float = 1.5e-4  # base lr (official); lr = blr * effective batch / 256
+    warmup_steps: int = 50
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 3.0
+    label_smoothing: float = 0.1
+    augment: str = "auto"  # auto | none | affine | dataset; auto: affine for MAGE-C on in-memory data
+    amp: str = "auto"  # auto (bf16 on capable GPUs, off on CPU) | off | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda
+    checkpoint_every: int = 200
+    log_every: int = 10
+
+    def validate(self, path: str) -> None:
+        _require(self.steps >= 1 and self.batch_size >= 2, f"{path}: steps >= 1 and batch_size >= 2 are required")
+        _require(self.blr > 0 and self.weight_decay >= 0, f"{path}: blr > 0 and weight_decay >= 0 are required")
+        _require(self.augment in ("auto", "none", "affine", "dataset"),
+                 f"{path}.augment must be auto, none, affine or dataset, not {self.augment!r}")
+        _require(self.amp in ("auto", "off", "bf16", "fp16"), f"{path}.amp must be auto, off, bf16 or fp16")
+        _require(self.device in ("auto", "cpu", "cuda"), f"{path}.device must be auto, cpu or cuda")
+        _require(0 <= self.label_smoothing < 1, f"{path}.label_smoothing must be in [0, 1)")
+        _require(self.checkpoint_every >= 1 and self.log_every >= 1, f"{path}: checkpoint_every/log_every >= 1")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Iterative decoding defaults of a run (official script: 12 steps, temperature 4.5)."""
+
+    steps: int = 12
+    temperature: float = 4.5
+
+    def validate(self, path: str) -> None:
+        _require(self.steps >= 1, f"{path}.steps must be >= 1")
+        _require(self.temperature >= 0, f"{path}.temperature must be >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `mage-bench train` needs; written, resolved, to RUN_DIR/config.yaml."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: str = "models/vq-digits"  # a folder made by `tokenizer train` or `import`
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    # Cross-section checks that need the masking registry or the tokenizer live in
+    # mage_bench.train.resolve_run_config (config never imports model code).

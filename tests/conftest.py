@@ -21,3 +21,37 @@ def tiny_job_layer() -> dict:
         "train": {"steps": 12, "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 4, "log_every": 2,
                   "dead_code_every": 5, "eval_images": 64},
     }
+
+
+# A MAGE small enough for a training step in a few milliseconds, on the tiny tokenizer's 8x8 grid.
+TINY_MODEL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
+              "decoder_num_heads": 2, "codebook_size": 32, "dropout": 0.0}
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """A tiny digits tokenizer trained for a few steps (real weights, made by the tests)."""
+    from mage_bench.config import TokenizerJobConfig, resolve_config
+    from mage_bench.tokenizer.train import train_tokenizer
+
+    out = tmp_path_factory.mktemp("models") / "vq-tiny"
+    layer = {"tokenizer": dict(TINY_TOKENIZER),
+             "train": {"steps": 6, "batch_size": 32, "warmup_steps": 2, "eval_images": 32}}
+    train_tokenizer(resolve_config(TokenizerJobConfig, layer), out, progress=False)
+    return out
+
+
+@pytest.fixture
+def tiny_run_layer(tiny_tokenizer_dir) -> dict:
+    """A config layer for `train` that runs a step in milliseconds."""
+    return {
+        "tokenizer": str(tiny_tokenizer_dir),
+        "model": dict(TINY_MODEL),
+        "train": {"steps": 6, "batch_size": 16, "blr": 0.01, "warmup_steps": 2, "checkpoint_every": 3,
+                  "log_every": 1},
+    }
+
+
+@pytest.fixture
+def tiny_model_overrides() -> dict:
+    return dict(TINY_MODEL)
