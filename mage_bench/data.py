@@ -19,6 +19,9 @@ from mage_bench.registry import Registry
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
+# Data sets held in memory as tensors (`tensors()`): no per-item transform, so tokens can be cached.
+IN_MEMORY = frozenset({"digits"})
+
 DatasetFactory = Callable[[str | None, DataConfig, str, bool], Any]
 DATASETS: Registry[DatasetFactory] = Registry("data set")
 
@@ -34,6 +37,10 @@ class DatasetSpec:
     def parse(cls, spec: str) -> DatasetSpec:
         name, sep, argument = spec.partition(":")
         return cls(name, argument if sep else None)
+
+
+def is_in_memory(config: DataConfig) -> bool:
+    return DatasetSpec.parse(config.name).name in IN_MEMORY
 
 
 def create_dataset(config: DataConfig, split: str, train_transform: bool | None = None) -> Any:

@@ -44,7 +44,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -52,6 +52,15 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
     with atomic_open(path, "wb") as handle:
         torch.save(obj, handle)
+
+
+def rewind_jsonl(path: str | os.PathLike, step: int) -> None:
+    """Drop log lines with "step" beyond `step` (written after the checkpoint being resumed)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -34,6 +34,25 @@ def tokenizer_payload(model) -> dict[str, Any]:
     return {"format": FORMAT, "config": to_dict(model.config), "state_dict": model.state_dict()}
 
 
+def tokenizer_config_at(path: str | os.PathLike) -> TokenizerConfig:
+    """The architecture of the tokenizer in folder `path`, from its card when it has one (cheap)."""
+    import json
+
+    from mage_bench.io import safe_torch_load
+
+    folder = Path(path)
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"tokenizer {folder} not found (no {WEIGHTS_FILE}); train one with "
+                              f"`mage-bench tokenizer train --out {folder}` or import official weights")
+    card = json.loads((folder / CARD_FILE).read_text()) if (folder / CARD_FILE).is_file() else {}
+    config = card.get("config") if card.get("kind") == "tokenizer" else None
+    if isinstance(config, dict) and isinstance(config.get("tokenizer"), dict):
+        config = config["tokenizer"]  # a trained tokenizer's card holds its whole job config
+    if not isinstance(config, dict):
+        config = safe_torch_load(folder / WEIGHTS_FILE)["config"]
+    return from_dict(TokenizerConfig, config, "tokenizer")
+
+
 def load_tokenizer(path: str | os.PathLike):
     """Load `models/NAME/` (or its `tokenizer.pt`) into a tokenizer in eval mode."""
     from mage_bench.io import safe_torch_load

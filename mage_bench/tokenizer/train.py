@@ -29,6 +29,7 @@ from mage_bench.io import (
     atomic_write_text,
     git_commit,
     package_versions,
+    rewind_jsonl,
     safe_torch_load,
     sha256_file,
     utc_now,
@@ -206,14 +207,6 @@ def lr_at(step: int, cfg) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _rewind_metrics(path: Path, step: int) -> None:
-    """Drop log lines newer than the checkpoint being resumed, so no step is logged twice."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
 def train_tokenizer(config: TokenizerJobConfig, out_dir: str | Path, resume: bool = False,
                     progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
     """Train (or resume) a tokenizer into `out_dir`; returns its card. `stop_at` simulates an interruption."""
@@ -265,7 +258,7 @@ def train_tokenizer(config: TokenizerJobConfig, out_dir: str | Path, resume: boo
         torch.set_rng_state(state["torch_rng"])
         usage = state["usage"]
         step, elapsed = int(state["step"]), float(state["elapsed_s"])
-        _rewind_metrics(out / METRICS_FILE, step)
+        rewind_jsonl(out / METRICS_FILE, step)
     else:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / CONFIG_FILE, dump_yaml(config))

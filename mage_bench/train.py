@@ -1,0 +1,429 @@
+"""`train(config, run_dir)`: the MAGE training loop.
+
+Official recipe: AdamW betas (0.9, 0.95), weight decay 0.05 on every parameter except 1-D ones and
+biases (timm 0.3.2's add_weight_decay, which the official code uses: embeddings *are* decayed),
+lr = blr * effective batch / 256, linear warmup then half-cycle cosine, gradient clipping, autocast
+on GPU with fp32 attention logits. DDP when launched by torchrun (gloo on CPU, nccl on GPU).
+
+Exactness: one global batch order per epoch (a pure function of seed and epoch), sliced by rank;
+masking ratios, token orders and augmentations are drawn for the whole global batch from
+generators every process holds in the same state. So N steps straight == N/2 + resume N/2
+bitwise on CPU, and 2 processes x batch B match 1 process x batch 2B (dropout off).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mage_bench.config import RunConfig, dump_yaml, to_dict
+from mage_bench.data import create_dataset, is_in_memory
+from mage_bench.errors import ConfigError, UserError
+from mage_bench.io import atomic_torch_save, atomic_write_text, rewind_jsonl, safe_torch_load
+from mage_bench.mage.contrastive import ProjectionHead, info_nce, pool_encoder_output
+from mage_bench.mage.masking import (
+    batch_ratios,
+    check_mask_ratio_min,
+    create_masking,
+    sample_token_masks,
+)
+from mage_bench.mage.model import MAGE, mage_loss
+from mage_bench.runs import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE
+
+
+class TrainingFailed(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the last good checkpoint."""
+
+
+# --------------------------------------------------------------------------------------------
+# Config resolution: every "auto" becomes a concrete value recorded in config.yaml
+
+
+def resolve_run_config(config: RunConfig) -> RunConfig:
+    """Validate across sections and replace automatic choices by what will actually run."""
+    from mage_bench.tokenizer import tokenizer_config_at
+
+    distribution = create_masking(config.masking.spec)
+    mask_ratio_min = config.masking.mask_ratio_min
+    if mask_ratio_min is None:
+        mask_ratio_min = distribution.support()[0]
+    check_mask_ratio_min(distribution, mask_ratio_min)
+    augment = config.train.augment
+    if augment == "auto":
+        if is_in_memory(config.data):
+            augment = "affine" if config.contrastive.weight > 0 else "none"
+        else:
+            augment = "dataset"
+    if augment == "dataset" and is_in_memory(config.data):
+        raise ConfigError(f"train.augment: dataset needs a folder data set; {config.data.name} is in memory "
+                          "(use none or affine)")
+    if augment in ("none", "affine") and not is_in_memory(config.data):
+        raise ConfigError(f"train.augment: {augment} applies to in-memory data only; use dataset for {config.data.name}")
+    if config.contrastive.weight > 0 and augment == "none":
+        raise ConfigError("contrastive.weight > 0 needs two different views: set train.augment to affine (or auto)")
+
+    tok = tokenizer_config_at(config.tokenizer)
+    if tok.token_grid ** 2 != config.model.num_tokens or tok.n_embed != config.model.codebook_size:
+        raise ConfigError(f"model {config.model.name} expects {config.model.num_tokens} tokens from "
+                          f"{config.model.codebook_size} codes, but tokenizer {config.tokenizer} gives "
+                          f"{tok.token_grid ** 2} from {tok.n_embed}; set model.num_tokens and model.codebook_size")
+    if tok.resolution != config.data.image_size:
+        raise ConfigError(f"data.image_size={config.data.image_size} but tokenizer {config.tokenizer} is built "
+                          f"for {tok.resolution} px; set data.image_size: {tok.resolution}")
+    return dataclasses.replace(
+        config,
+        masking=dataclasses.replace(config.masking, spec=distribution.spec(), mask_ratio_min=mask_ratio_min),
+        train=dataclasses.replace(config.train, augment=augment),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Processes and devices
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world: int
+    device: torch.device
+    amp_dtype: torch.dtype | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(config: RunConfig) -> Runtime:
+    """Join the torchrun process group when there is one; choose device and autocast dtype."""
+    want_cuda = config.train.device == "cuda" or (config.train.device == "auto" and torch.cuda.is_available())
+    if config.train.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device: cuda asked for, but no CUDA device is visible; use auto or cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    device = torch.device(f"cuda:{local_rank}" if want_cuda else "cpu")
+    if want_cuda:
+        torch.cuda.set_device(device)
+    amp = config.train.amp
+    if amp == "auto":
+        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if want_cuda else "off"
+    if amp != "off" and not want_cuda:
+        raise ConfigError(f"train.amp: {amp} needs a GPU; CPU training runs in fp32 (use auto or off)")
+    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return Runtime(rank, world, device, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokens for each step
+
+
+def random_affine(images: torch.Tensor, generator: torch.Generator, max_shift: float = 0.125,
+                  scale: tuple[float, float] = (0.9, 1.1)) -> torch.Tensor:
+    """Per-image random shift and zoom (no flips: they change a digit's class), zero padding."""
+    n = images.shape[0]
+    s = torch.empty(n).uniform_(*scale, generator=generator)
+    t = torch.empty(n, 2).uniform_(-2 * max_shift, 2 * max_shift, generator=generator)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / s
+    theta[:, :, 2] = t
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class TokenStream:
+    """Yields per step this process's tokens (B, L) and, for MAGE-C, a second view (or None)."""
+
+    def __init__(self, config: RunConfig, runtime: Runtime, tokenizer: nn.Module, views: int) -> None:
+        self.config, self.runtime, self.tokenizer, self.views = config, runtime, tokenizer, views
+        self.batch, self.global_batch = config.train.batch_size, config.train.batch_size * runtime.world
+        self.dataset = create_dataset(config.data, "train", train_transform=config.train.augment == "dataset")
+        if len(self.dataset) < self.global_batch:
+            raise UserError(f"the data set has {len(self.dataset)} images, fewer than one global batch of "
+                            f"{self.global_batch}; lower train.batch_size")
+        self.batches_per_epoch = len(self.dataset) // self.global_batch
+        self.epoch, self.position = 0, 0
+        self.augment_generator = torch.Generator().manual_seed(config.seed * 7 + 3)
+        self.cached_tokens = None
+        if config.train.augment == "none":  # no augmentation: tokenize the data set once
+            images, _ = self.dataset.tensors()
+            self.cached_tokens = torch.cat([self._tokenize(images[i:i + 512]) for i in range(0, len(images), 512)])
+
+    @torch.no_grad()
+    def _tokenize(self, images: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.encode(images.to(self.runtime.device)).flatten(1).cpu()  # (B, L)
+
+    def _order(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.epoch)
+        return torch.randperm(len(self.dataset), generator=g)
+
+    def _rank_slice(self, x: torch.Tensor) -> torch.Tensor:
+        lo = self.runtime.rank * self.batch
+        return x[lo:lo + self.batch]
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.position == self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        order = self._order()[self.position * self.global_batch:(self.position + 1) * self.global_batch]
+        self.position += 1
+        if self.cached_tokens is not None:
+            return self._rank_slice(self.cached_tokens[order]), None
+        if self.config.train.augment == "affine":
+            images, _ = self.dataset.tensors()
+            images = images[order]
+            views = [self._rank_slice(random_affine(images, self.augment_generator)) for _ in range(self.views)]
+        else:  # folder data: the data set's own random transform, applied per view
+            mine = self._rank_slice(order).tolist()
+            views = [torch.stack([self.dataset[i][0] for i in mine]) for _ in range(self.views)]
+        tokens = [self._tokenize(v) for v in views]
+        return tokens[0], (tokens[1] if self.views > 1 else None)
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "augment_generator": self.augment_generator.get_state()}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.augment_generator.set_state(state["augment_generator"])
+
+
+# --------------------------------------------------------------------------------------------
+# The objective (one module, so DDP sees every trainable parameter in one forward)
+
+
+class MageObjective(nn.Module):
+    def __init__(self, model: MAGE, config: RunConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.label_smoothing = config.train.label_smoothing
+        c = config.contrastive
+        self.contrastive_weight, self.temperature = c.weight, c.temperature
+        self.head = (ProjectionHead(model.config.embed_dim, c.proj_hidden_dim or model.config.embed_dim, c.proj_dim)
+                     if c.weight > 0 else None)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor,
+                second: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        m = self.model
+        m._check(tokens, mask, drop)
+        latent, kept = m.forward_encoder(m.embed_tokens(tokens, mask), drop)
+        logits = m.forward_decoder(latent, kept, mask)
+        recon = mage_loss(logits, tokens, mask, m.codebook_size, self.label_smoothing)
+        out = {"loss": recon, "loss_recon": recon}
+        if self.head is not None and second is not None:
+            latent2 = m.encode_masked(*second)
+            con = info_nce(self.head(pool_encoder_output(latent)), self.head(pool_encoder_output(latent2)),
+                           self.temperature)
+            out["loss"] = recon + self.contrastive_weight * con
+            out["loss_contrastive"] = con
+        return out
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """timm 0.3.2 add_weight_decay, as the official code: no decay for 1-D parameters and biases."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def lr_at(step: int, base_lr: float, config: RunConfig) -> float:
+    """Official schedule per iteration: linear warmup from 0, then half-cycle cosine to min_lr."""
+    t = config.train
+    if step < t.warmup_steps:
+        return base_lr * step / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.min_lr + (base_lr - t.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+class Trainer:
+    """One training process's state and its step, shared by `train`, the DDP test and the benchmark."""
+
+    def __init__(self, config: RunConfig, runtime: Runtime) -> None:
+        from mage_bench.tokenizer import load_tokenizer
+
+        self.config, self.runtime, t = config, runtime, config.train
+        torch.set_flush_denormal(True)  # denormals slow CPU matmuls several-fold late in training
+        torch.manual_seed(config.seed)  # identical initial weights on every process
+        self.model = MAGE(config.model)
+        self.objective = MageObjective(self.model, config).to(runtime.device)
+        self.base_lr = t.blr * t.batch_size * runtime.world / 256
+        self.optimizer = torch.optim.AdamW(param_groups(self.objective, t.weight_decay), lr=self.base_lr,
+                                           betas=t.betas)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp_dtype == torch.float16)
+        tokenizer = load_tokenizer(config.tokenizer).to(runtime.device)
+        self.stream = TokenStream(config, runtime, tokenizer, 2 if config.contrastive.weight > 0 else 1)
+        self.masking = create_masking(config.masking.spec)
+        self.mask_generator = torch.Generator().manual_seed(config.seed * 13 + 5)
+        torch.manual_seed(config.seed * 7919 + runtime.rank + 1)  # dropout: a stream per process
+        self.wrapped: nn.Module = self.objective
+        if runtime.world > 1:
+            self.wrapped = nn.parallel.DistributedDataParallel(
+                self.objective, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+        self.objective.train()
+
+    def _masks(self, ratios: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mask, drop = sample_token_masks(ratios, L, self.config.masking.mask_ratio_min, self.mask_generator)
+        return (self.stream._rank_slice(mask).to(self.runtime.device),
+                self.stream._rank_slice(drop).to(self.runtime.device))
+
+    def forward_backward(self, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Draw the step's batch and masks, compute the losses and gradients (DDP-averaged)."""
+        dev = self.runtime.device
+        tokens, tokens2 = self.stream.next()
+        ratios = batch_ratios(self.masking, self.stream.global_batch, self.config.masking.per_sample,
+                              self.mask_generator)
+        mask, drop = self._masks(ratios, tokens.shape[1])
+        # MAGE-C: the second view gets its own token order with the same ratios.
+        second = (tokens2.to(dev), *self._masks(ratios, tokens.shape[1])) if tokens2 is not None else None
+        with torch.autocast(dev.type, dtype=self.runtime.amp_dtype or torch.float32,
+                            enabled=self.runtime.amp_dtype is not None):
+            losses = self.wrapped(tokens.to(dev), mask, drop, second)
+        if not torch.isfinite(losses["loss"].detach()).all():
+            raise TrainingFailed(f"non-finite loss ({float(losses['loss'].detach())}) at step {step}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        return losses, ratios
+
+    def optimizer_step(self, step: int) -> float:
+        lr = lr_at(step, self.base_lr, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scaler.unscale_(self.optimizer)
+        nn.utils.clip_grad_norm_(self.objective.parameters(), self.config.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return lr
+
+    def global_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Loss values averaged over processes (equal batches), for logging."""
+        keys = sorted(values)
+        stacked = torch.stack([values[k].detach().float() for k in keys])
+        if self.runtime.world > 1:
+            dist.all_reduce(stacked)
+            stacked /= self.runtime.world
+        return dict(zip(keys, stacked.tolist(), strict=True))
+
+    def state(self, step: int, elapsed: float) -> dict[str, Any] | None:
+        """The checkpoint (on rank 0; None elsewhere). Collective: every process must call it."""
+        rng_states = [torch.get_rng_state()]
+        if self.runtime.world > 1:
+            rng_states = [None] * self.runtime.world
+            dist.all_gather_object(rng_states, torch.get_rng_state())
+        if not self.runtime.is_main:
+            return None
+        head = self.objective.head
+        return {
+            "config": to_dict(self.config), "model": self.model.state_dict(),
+            "head": head.state_dict() if head is not None else None,
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "scheduler": {"kind": "warmup_cosine", "base_lr": self.base_lr, "step": step},
+            "data": self.stream.state(), "mask_generator": self.mask_generator.get_state(),
+            "torch_rng": rng_states, "step": step, "elapsed_s": elapsed,
+        }
+
+    def load(self, state: dict[str, Any]) -> tuple[int, float]:
+        self.model.load_state_dict(state["model"])
+        if self.objective.head is not None:
+            self.objective.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.stream.load(state["data"])
+        self.mask_generator.set_state(state["mask_generator"])
+        rng = state["torch_rng"]
+        torch.set_rng_state(rng[self.runtime.rank] if self.runtime.rank < len(rng) else rng[0])
+        return int(state["step"]), float(state["elapsed_s"])
+
+
+def train(config: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+          stop_at: int | None = None) -> dict[str, Any]:
+    """Train MAGE into `run_dir` (or continue it with `resume`); returns a summary.
+
+    `stop_at` ends the loop after that many steps with a checkpoint, as an interruption would.
+    """
+    from tqdm import tqdm
+
+    run = Path(run_dir)
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--out {run} is a file; give a run folder")
+    checkpoint_path = run / CHECKPOINT_FILE
+    if checkpoint_path.exists() and not resume:
+        raise UserError(f"{run} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    config = resolve_run_config(config)
+    runtime = setup_runtime(config)
+    trainer = Trainer(config, runtime)
+    tcfg = config.train
+    step, elapsed = 0, 0.0
+    if resume and checkpoint_path.exists():
+        state = safe_torch_load(checkpoint_path)
+        if state["config"] != to_dict(config):
+            changed = [k for k in state["config"] if state["config"][k] != to_dict(config).get(k)]
+            raise UserError(f"the config differs from the one {run} was trained with (sections: "
+                            f"{', '.join(changed)}); resume with the same config or choose another --out")
+        step, elapsed = trainer.load(state)
+        if runtime.is_main:
+            rewind_jsonl(run / METRICS_FILE, step)
+    elif runtime.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run / CONFIG_FILE, dump_yaml(config))
+        (run / METRICS_FILE).unlink(missing_ok=True)
+    if step >= tcfg.steps:  # finished already: resuming is a no-op
+        return {"run": str(run), "step": step, "finished": True}
+
+    bar = tqdm(total=tcfg.steps, initial=step, desc="train", unit="step", file=sys.stderr,
+               disable=not (progress and runtime.is_main), dynamic_ncols=True)
+    window: dict[str, float] = {}
+    window_steps, tic = 0, time.perf_counter()
+    log = open(run / METRICS_FILE, "a") if runtime.is_main else None  # noqa: SIM115 (closed in finally)
+    try:
+        while step < tcfg.steps and (stop_at is None or step < stop_at):
+            try:
+                losses, ratios = trainer.forward_backward(step)
+            except TrainingFailed as exc:
+                last = checkpoint_path if checkpoint_path.exists() else "not written yet"
+                raise TrainingFailed(f"{exc}; the last good checkpoint is {last}; lower train.blr or "
+                                     "raise train.warmup_steps") from None
+            lr = trainer.optimizer_step(step)
+            step += 1
+            for key, value in trainer.global_mean(losses).items():
+                window[key] = window.get(key, 0.0) + value
+            window["mask_ratio"] = window.get("mask_ratio", 0.0) + float(ratios.mean())
+            window_steps += 1
+            bar.update(1)
+            if step % tcfg.log_every == 0 or step == tcfg.steps:
+                record = {"step": step, "epoch": trainer.stream.epoch, "lr": lr,
+                          **{k: v / window_steps for k, v in window.items()},
+                          "time_s": round(elapsed + time.perf_counter() - tic, 3)}
+                if log:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+                window, window_steps = {}, 0
+            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps or step == stop_at:
+                now = time.perf_counter()
+                elapsed, tic = elapsed + now - tic, now
+                state = trainer.state(step, elapsed)
+                if state is not None:
+                    atomic_torch_save(state, checkpoint_path)
+    finally:
+        bar.close()
+        if log:
+            log.close()
+    return {"run": str(run), "step": step, "finished": step >= tcfg.steps, "train_time_s": round(elapsed, 1)}
