@@ -26,12 +26,9 @@ examples:
 
 # Where each contract command's implementation is tracked until it lands.
 PENDING = {
-    "train": "the MAGE model and training issue",
-    "generate": "the MAGE model and training issue",
     "eval": "the evaluators issue",
     "sweep": "the sweeps and reports issue",
     "report": "the sweeps and reports issue",
-    "import-mage": "the MAGE model and training issue",
 }
 
 
@@ -51,8 +48,7 @@ def _emit(args: argparse.Namespace, document: Any, human: str) -> None:
 
 
 def cmd_not_implemented(args: argparse.Namespace) -> int:
-    key = args.command if args.command != "import" else f"import-{args.kind}"
-    raise NotImplementedYet(f"`mage-bench {args.command}` is not implemented yet (tracked in {PENDING[key]}); "
+    raise NotImplementedYet(f"`mage-bench {args.command}` is not implemented yet (tracked in {PENDING[args.command]}); "
                             "nothing was run")
 
 
@@ -78,12 +74,45 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    if args.kind != "vqgan":
-        return cmd_not_implemented(args)
+    if args.kind == "mage":
+        from mage_bench.mage.checkpoint import import_official_mage
+
+        card = import_official_mage(args.path, args.out)
+        _emit(args, card, f"imported {args.path} ({card['architecture']}) into {args.out}")
+        return 0
     from mage_bench.tokenizer.checkpoint import import_official_vqgan
 
     card = import_official_vqgan(args.path, args.out)
     _emit(args, card, f"imported {args.path} ({card['source']['layout']} layout) into {args.out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mage_bench.config import RunConfig, cli_layer, load_yaml, resolve_config
+
+    file_layer = load_yaml(args.config) if args.config else {}
+    layer = cli_layer(**{"model.name": args.model, "data.name": args.data, "masking.spec": args.masking,
+                         "contrastive.weight": args.contrastive_weight, "train.steps": args.steps,
+                         "train.batch_size": args.batch_size, "seed": args.seed, "tokenizer": args.tokenizer})
+    config = resolve_config(RunConfig, file_layer, layer)
+    from mage_bench.train import TrainingFailed, train
+
+    try:
+        summary = train(config, args.out, resume=args.resume, progress=_progress_enabled(args))
+    except TrainingFailed as exc:
+        print(f"mage-bench: training failed: {exc}", file=sys.stderr)
+        return 1
+    _emit(args, summary, f"trained {summary['step']} steps into {args.out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from mage_bench.sampling import generate_images
+
+    manifest = generate_images(args.run, args.num, args.out, steps=args.steps, temperature=args.temperature,
+                               seed=args.seed, batch_size=args.batch_size, progress=_progress_enabled(args),
+                               device=args.device)
+    _emit(args, manifest, f"{args.num} images in {args.out} (grid: {args.out}/grid.png)")
     return 0
 
 
@@ -108,20 +137,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mage-bench {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("train", help="train MAGE into a run folder (not implemented yet)")
-    p.add_argument("--model"), p.add_argument("--data"), p.add_argument("--out")
-    p.add_argument("--masking"), p.add_argument("--contrastive-weight", type=float)
-    p.add_argument("--epochs", type=int), p.add_argument("--steps", type=int), p.add_argument("--seed", type=int)
-    p.add_argument("--config"), p.add_argument("--resume", action="store_true")
+    p = sub.add_parser("train", help="train MAGE into a run folder",
+                       description="Train MAGE. Precedence: CLI flags > --config file > defaults.",
+                       epilog="example:\n  mage-bench train --model mage_tiny --data digits --out runs/demo "
+                              "--masking truncnorm:mean=0.55,std=0.25,min=0.5,max=1.0",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="preset: mage_tiny, mage_small, mage_vit_base_patch16, mage_vit_large_patch16")
+    p.add_argument("--data", help="digits | imagefolder:PATH | cifar10:ROOT")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--masking", help="masking-ratio distribution, e.g. uniform:low=0.5,high=1.0")
+    p.add_argument("--contrastive-weight", type=float, help="MAGE-C weight (0 = plain MAGE)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default models/vq-digits)")
+    p.add_argument("--steps", type=int), p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int), p.add_argument("--config", help="YAML run config")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
     _common(p)
-    p.set_defaults(func=cmd_not_implemented)
+    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="iterative decoding from a run (not implemented yet)")
-    p.add_argument("--run"), p.add_argument("--num", type=int), p.add_argument("--out")
-    p.add_argument("--steps", type=int, default=12), p.add_argument("--temperature", type=float, default=4.5)
-    p.add_argument("--seed", type=int)
+    p = sub.add_parser("generate", help="iterative decoding from a run into PNG files",
+                       epilog="example:\n  mage-bench generate --run runs/demo --num 64 --out runs/demo/samples",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True), p.add_argument("--num", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, help="decoding steps (default: the run's, 12)")
+    p.add_argument("--temperature", type=float, help="Gumbel temperature of the re-masking (default 4.5)")
+    p.add_argument("--seed", type=int, default=0), p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     _common(p)
-    p.set_defaults(func=cmd_not_implemented)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="FID/IS/KID/PR, linear probe, few-shot, kNN (not implemented yet)")
     p.add_argument("evaluator", choices=["fid", "linear", "fewshot", "knn", "all"])

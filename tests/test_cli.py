@@ -24,13 +24,10 @@ def test_help_lists_every_contract_command(capsys):
 
 
 @pytest.mark.parametrize("argv", [
-    ["train", "--model", "mage_tiny", "--data", "digits", "--out", "runs/x"],
-    ["generate", "--run", "runs/x", "--num", "4", "--out", "samples"],
     ["eval", "fid", "--real", "a", "--fake", "b"],
     ["eval", "all", "--run", "runs/x", "--data", "digits"],
     ["sweep", "masking"],
     ["report", "runs/masking", "--out", "reports/masking"],
-    ["import", "x.pth", "--kind", "mage", "--out", "models/m"],
 ])
 def test_unbuilt_commands_say_so_and_exit_2(argv, capsys):
     assert main(argv) == 2
@@ -67,3 +64,27 @@ def test_console_script_entry_point(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == ("mage-bench: error: unknown data set 'nope'; choose one of: cifar10, "
                                      "digits, imagefolder")
+
+
+def test_train_and_generate_from_the_cli(tmp_path, tiny_run_layer, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_layer))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(run), "--steps", "4", "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 4
+    assert main(["train", "--config", str(config), "--out", str(run), "--steps", "4"]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(["generate", "--run", str(run), "--num", "3", "--out", str(tmp_path / "s"), "--steps", "2",
+                 "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 2
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.png")) == ["000000.png", "000001.png", "000002.png",
+                                                                       "grid.png"]
+
+
+def test_train_bad_masking_is_one_line(tmp_path, tiny_run_layer, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_layer))
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "r"), "--masking", "unifrom"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'uniform'" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,45 @@
+"""The run directory contract (ARCHITECTURE.md) and loading a trained run back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mage_bench.errors import UserError
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"
+EVAL_DIR = "eval"
+SAMPLES_DIR = "samples"
+DONE_FILE = "DONE"
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    config: Any  # RunConfig
+    model: Any  # MAGE, eval mode
+    tokenizer: Any  # VQGAN, eval mode
+    step: int
+    checkpoint_sha256: str
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
+    """The model (weights of checkpoint.pt), its tokenizer and resolved config, ready for inference."""
+    from mage_bench.config import RunConfig, from_dict
+    from mage_bench.io import safe_torch_load, sha256_file
+    from mage_bench.mage.model import MAGE
+    from mage_bench.tokenizer import load_tokenizer
+
+    run = Path(run_dir)
+    checkpoint = run / CHECKPOINT_FILE
+    if not checkpoint.is_file():
+        raise UserError(f"{run} is not a trained run (no {CHECKPOINT_FILE}); train it with mage-bench train --out {run}")
+    state = safe_torch_load(checkpoint)
+    config = from_dict(RunConfig, state["config"], "config")
+    model = MAGE(config.model)
+    model.load_state_dict(state["model"])
+    tokenizer = load_tokenizer(config.tokenizer)
+    return LoadedRun(config, model.to(device).eval(), tokenizer.to(device).eval(), int(state["step"]),
+                     sha256_file(checkpoint))
