@@ -116,6 +116,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mage_bench.bench import bench_train, format_table
+    from mage_bench.config import MODEL_PRESETS
+
+    for name in args.models:
+        MODEL_PRESETS.get(name)  # a typo is a one-line error before anything is timed
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is visible")
+    results = bench_train(args.models, args.batch_size, args.steps, args.device)
+    _emit(args, [r.as_dict() for r in results], format_table(results))
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     return cmd_not_implemented(args)
 
@@ -194,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="models/NAME")
     _common(p)
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("bench", help="benchmarks: training throughput, FLOPs per step, MFU")
+    p.add_argument("what", choices=["train"])
+    p.add_argument("--models", nargs="+", default=["mage_tiny", "mage_small"])
+    p.add_argument("--batch-size", type=int, default=128), p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    _common(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)

@@ -144,8 +144,26 @@ def random_affine(images: torch.Tensor, generator: torch.Generator, max_shift: f
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+class MultiView:
+    """A folder data set whose items are `views` independent random transforms of one image."""
+
+    def __init__(self, dataset: Any, views: int) -> None:
+        self.dataset, self.views = dataset, views
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        return tuple(self.dataset[index][0] for _ in range(self.views))
+
+
 class TokenStream:
-    """Yields per step this process's tokens (B, L) and, for MAGE-C, a second view (or None)."""
+    """Yields per step this process's tokens (B, L) and, for MAGE-C, a second view (or None).
+
+    In-memory data: one global batch order per epoch, sliced by rank (exactly reproducible).
+    Folder data: a DataLoader with torch's DistributedSampler (shuffled per epoch from the seed,
+    each rank its share) and `data.num_workers` workers; resume skips the batches already seen.
+    """
 
     def __init__(self, config: RunConfig, runtime: Runtime, tokenizer: nn.Module, views: int) -> None:
         self.config, self.runtime, self.tokenizer, self.views = config, runtime, tokenizer, views
@@ -158,6 +176,7 @@ class TokenStream:
         self.epoch, self.position = 0, 0
         self.augment_generator = torch.Generator().manual_seed(config.seed * 7 + 3)
         self.cached_tokens = None
+        self._loader_iter = None
         if config.train.augment == "none":  # no augmentation: tokenize the data set once
             images, _ = self.dataset.tensors()
             self.cached_tokens = torch.cat([self._tokenize(images[i:i + 512]) for i in range(0, len(images), 512)])
@@ -170,24 +189,38 @@ class TokenStream:
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.epoch)
         return torch.randperm(len(self.dataset), generator=g)
 
-    def _rank_slice(self, x: torch.Tensor) -> torch.Tensor:
+    def rank_slice(self, x: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a global-batch tensor."""
         lo = self.runtime.rank * self.batch
         return x[lo:lo + self.batch]
 
+    def _folder_batch(self) -> tuple[torch.Tensor, ...]:
+        if self._loader_iter is None:
+            from torch.utils.data import DataLoader, DistributedSampler
+
+            sampler = DistributedSampler(self.dataset, num_replicas=self.runtime.world, rank=self.runtime.rank,
+                                         shuffle=True, seed=self.config.seed, drop_last=True)
+            sampler.set_epoch(self.epoch)
+            indices = list(sampler)[self.position * self.batch:self.batches_per_epoch * self.batch]
+            loader = DataLoader(MultiView(self.dataset, self.views), batch_size=self.batch, sampler=indices,
+                                num_workers=self.config.data.num_workers, drop_last=True,
+                                pin_memory=self.runtime.device.type == "cuda")
+            self._loader_iter = iter(loader)
+        return next(self._loader_iter)
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.position == self.batches_per_epoch:
-            self.epoch, self.position = self.epoch + 1, 0
-        order = self._order()[self.position * self.global_batch:(self.position + 1) * self.global_batch]
-        self.position += 1
-        if self.cached_tokens is not None:
-            return self._rank_slice(self.cached_tokens[order]), None
-        if self.config.train.augment == "affine":
+            self.epoch, self.position, self._loader_iter = self.epoch + 1, 0, None
+        if self.config.train.augment == "dataset":
+            views = list(self._folder_batch())
+            self.position += 1
+        else:
+            order = self._order()[self.position * self.global_batch:(self.position + 1) * self.global_batch]
+            self.position += 1
+            if self.cached_tokens is not None:
+                return self.rank_slice(self.cached_tokens[order]), None
             images, _ = self.dataset.tensors()
-            images = images[order]
-            views = [self._rank_slice(random_affine(images, self.augment_generator)) for _ in range(self.views)]
-        else:  # folder data: the data set's own random transform, applied per view
-            mine = self._rank_slice(order).tolist()
-            views = [torch.stack([self.dataset[i][0] for i in mine]) for _ in range(self.views)]
+            views = [self.rank_slice(random_affine(images[order], self.augment_generator)) for _ in range(self.views)]
         tokens = [self._tokenize(v) for v in views]
         return tokens[0], (tokens[1] if self.views > 1 else None)
 
@@ -197,6 +230,7 @@ class TokenStream:
     def load(self, state: dict[str, Any]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.augment_generator.set_state(state["augment_generator"])
+        self._loader_iter = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,8 +315,8 @@ class Trainer:
 
     def _masks(self, ratios: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
         mask, drop = sample_token_masks(ratios, L, self.config.masking.mask_ratio_min, self.mask_generator)
-        return (self.stream._rank_slice(mask).to(self.runtime.device),
-                self.stream._rank_slice(drop).to(self.runtime.device))
+        return (self.stream.rank_slice(mask).to(self.runtime.device),
+                self.stream.rank_slice(drop).to(self.runtime.device))
 
     def forward_backward(self, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Draw the step's batch and masks, compute the losses and gradients (DDP-averaged)."""

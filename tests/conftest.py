@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 # A tokenizer small enough to train a few steps in well under a second per step.
-TINY_TOKENIZER = {"ch": 8, "norm_groups": 4, "z_channels": 16, "embed_dim": 8, "n_embed": 32}
+# The tests keep the 8x8 grid: 64 tokens exercise masking and decoding with more room.
+TINY_TOKENIZER = {"ch": 8, "ch_mult": [1, 2], "norm_groups": 4, "z_channels": 16, "embed_dim": 8, "n_embed": 32}
 
 
 @pytest.fixture
@@ -24,7 +25,7 @@ def tiny_job_layer() -> dict:
 
 
 # A MAGE small enough for a training step in a few milliseconds, on the tiny tokenizer's 8x8 grid.
-TINY_MODEL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
+TINY_MODEL = {"num_tokens": 64, "embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
               "decoder_num_heads": 2, "codebook_size": 32, "dropout": 0.0}
 
 

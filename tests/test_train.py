@@ -146,3 +146,26 @@ def test_bad_run_configs(tmp_path, tiny_run_layer, change, message):
 def test_missing_tokenizer_says_how_to_make_one(tmp_path, tiny_run_layer):
     with pytest.raises(UserError, match=r"tokenizer .*nope not found .*mage-bench tokenizer train"):
         train(_config({**tiny_run_layer, "tokenizer": str(tmp_path / "nope")}), tmp_path / "run", progress=False)
+
+
+def test_training_on_an_image_folder(tmp_path, tiny_run_layer):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 2)):
+        for cls in ("a", "b"):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / cls / f"{i}.png")
+    layer = {**tiny_run_layer, "data": {"name": f"imagefolder:{tmp_path / 'data'}", "image_size": 16},
+             "train": {**tiny_run_layer["train"], "batch_size": 4, "steps": 5}}
+    summary = train(_config(layer, contrastive={"weight": 0.2}), tmp_path / "run", progress=False)
+    assert summary["finished"]
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert resolved["train"]["augment"] == "dataset"  # RandomResizedCrop + flip per view
+    state = safe_torch_load(tmp_path / "run" / "checkpoint.pt")
+    assert state["data"] == {**state["data"], "epoch": 1, "position": 2}  # 3 batches per epoch of 12 images
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss_contrastive"])) for r in log)

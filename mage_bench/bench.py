@@ -1,0 +1,154 @@
+"""`mage-bench bench train`: training throughput, FLOPs per step and MFU, measured in one run.
+
+For each model preset it times full training steps (forward, backward, AdamW) of the same
+objective `mage-bench train` uses, on synthetic tokens with the official masking (truncnorm,
+half the tokens dropped). FLOPs per step are counted by torch's FlopCounterMode on one real step
+are counted by hand (`analytic_train_flops`: matmuls and attention, forward and backward), and
+checked against torch's FlopCounterMode, which sees every matmul but not the CPU flash-attention
+kernel; the peak is the best fp32 (bf16 on GPU) matmul rate measured on the same device in the same
+process. MFU = achieved FLOP/s / that peak.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model: str
+    device: str
+    dtype: str
+    batch_size: int
+    num_tokens: int
+    step_s: float
+    flops_per_step: float  # by hand, complete
+    counted_flops: float  # FlopCounterMode (attention may be missing on CPU)
+    peak_flops: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch_size / self.step_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch_size * self.num_tokens / self.step_s
+
+    @property
+    def mfu(self) -> float:
+        return self.flops_per_step / self.step_s / self.peak_flops
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "device": self.device, "dtype": self.dtype, "batch_size": self.batch_size,
+                "step_s": self.step_s, "images_per_s": self.images_per_s, "tokens_per_s": self.tokens_per_s,
+                "gflops_per_step": self.flops_per_step / 1e9, "peak_gflops": self.peak_flops / 1e9,
+                "mfu": self.mfu}
+
+
+def analytic_train_flops(cfg, batch_size: int, n_drop: int, attention: bool = True) -> float:
+    """Matmul FLOPs of one training step by hand (a check on FlopCounterMode's count).
+
+    Forward per image: per block 8nD^2 (qkv, proj) + 4rnD^2 (MLP) + 4n^2D (attention); the decoder
+    input projection; the MlmLayer. Backward costs twice the forward, except the logits matmul,
+    whose weight (the detached word embeddings) gets no gradient: 1x there.
+    """
+    L, D, Dd, r = cfg.num_tokens, cfg.embed_dim, cfg.decoder_embed_dim, cfg.mlp_ratio
+    n_e, n_d = 1 + L - n_drop, 1 + L
+
+    def blocks(depth: int, n: int, d: int) -> float:
+        return depth * (8 * n * d * d + 4 * r * n * d * d + (4 * n * n * d if attention else 0))
+
+    trained = blocks(cfg.depth, n_e, D) + 2 * n_e * D * Dd + blocks(cfg.decoder_depth, n_d, Dd) + 2 * n_d * Dd * D
+    logits = 2 * n_d * D * cfg.vocab_size
+    return batch_size * (3 * trained + 2 * logits)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 4096),
+                repeats: int = 5) -> float:
+    """Best measured FLOP/s of square matmuls on `device` (the denominator of MFU)."""
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b
+        _sync(device)
+        tic = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        _sync(device)
+        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - tic))
+    return best
+
+
+def bench_model(name: str, batch_size: int, steps: int, device: torch.device, peak: float,
+                overrides: dict[str, Any] | None = None) -> BenchResult:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mage_bench.config import RunConfig, from_dict
+    from mage_bench.mage.masking import create_masking, sample_token_masks
+    from mage_bench.mage.model import MAGE
+    from mage_bench.train import MageObjective, param_groups
+
+    torch.set_flush_denormal(True)
+    config = from_dict(RunConfig, {"model": {"name": name, **(overrides or {})}})
+    torch.manual_seed(0)
+    objective = MageObjective(MAGE(config.model), config).to(device).train()
+    optimizer = torch.optim.AdamW(param_groups(objective, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    L = config.model.num_tokens
+    g = torch.Generator().manual_seed(0)
+    masking = create_masking(config.masking.spec)
+    amp = device.type == "cuda"
+
+    def batch():
+        tokens = torch.randint(0, config.model.codebook_size, (batch_size, L), generator=g)
+        mask, drop = sample_token_masks(masking.sample(1, g).expand(batch_size), L, 0.5, g)
+        return tokens.to(device), mask.to(device), drop.to(device)
+
+    def step(tokens, mask, drop):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = objective(tokens, mask, drop)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    batches = [batch() for _ in range(steps + 3)]
+    drop_count = batches[0][2][0].sum()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(*batches[0])
+    for b in batches[1:3]:  # warm-up
+        step(*b)
+    _sync(device)
+    tic = time.perf_counter()
+    for b in batches[3:]:
+        step(*b)
+    _sync(device)
+    step_s = (time.perf_counter() - tic) / steps
+    n_drop = int(drop_count)
+    return BenchResult(name, device.type, "bf16-autocast" if amp else "fp32", batch_size, L, step_s,
+                       analytic_train_flops(config.model, batch_size, n_drop), float(counter.get_total_flops()), peak)
+
+
+def bench_train(models: list[str], batch_size: int, steps: int, device: str = "cpu") -> list[BenchResult]:
+    dev = torch.device(device)
+    peak = matmul_peak(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    return [bench_model(name, batch_size, steps, dev, peak) for name in models]
+
+
+def format_table(results: list[BenchResult]) -> str:
+    lines = [f"{'model':<24} {'device':<6} {'batch':>5} {'step s':>8} {'img/s':>9} {'tok/s':>10} "
+             f"{'GFLOP/step':>11} {'peak GFLOP/s':>13} {'MFU':>6}"]
+    for r in results:
+        lines.append(f"{r.model:<24} {r.device:<6} {r.batch_size:>5} {r.step_s:>8.3f} {r.images_per_s:>9.1f} "
+                     f"{r.tokens_per_s:>10.0f} {r.flops_per_step / 1e9:>11.1f} {r.peak_flops / 1e9:>13.1f} "
+                     f"{100 * r.mfu:>5.1f}%")
+    return "\n".join(lines)

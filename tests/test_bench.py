@@ -1,0 +1,21 @@
+import torch
+
+from mage_bench.bench import analytic_train_flops, bench_model, format_table, matmul_peak
+from mage_bench.config import ModelConfig, from_dict
+
+
+def test_counted_flops_agree_with_the_formula(tiny_model_overrides):
+    result = bench_model("mage_tiny", batch_size=4, steps=1, device=torch.device("cpu"), peak=1e11,
+                         overrides=tiny_model_overrides)
+    cfg = from_dict(ModelConfig, {"name": "mage_tiny", **tiny_model_overrides})
+    assert result.flops_per_step == analytic_train_flops(cfg, 4, n_drop=32)
+    # FlopCounterMode sees every matmul; on CPU it does not see the flash-attention kernel.
+    without_attention = analytic_train_flops(cfg, 4, n_drop=32, attention=False)
+    assert min(abs(result.counted_flops - without_attention), abs(result.counted_flops - result.flops_per_step)) \
+        < 0.01 * result.flops_per_step
+    assert result.step_s > 0 and result.mfu > 0
+    assert "mage_tiny" in format_table([result])
+
+
+def test_matmul_peak_is_positive():
+    assert matmul_peak(torch.device("cpu"), torch.float32, sizes=(64,), repeats=1) > 0
