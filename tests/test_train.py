@@ -169,3 +169,33 @@ def test_training_on_an_image_folder(tmp_path, tiny_run_layer):
     assert state["data"] == {**state["data"], "epoch": 1, "position": 2}  # 3 batches per epoch of 12 images
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss_contrastive"])) for r in log)
+
+
+def test_cli_training_survives_kill_9(tmp_path, tiny_run_layer):
+    """SIGKILL mid-run, then `--resume`: the same weights and log as an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    layer = {**tiny_run_layer, "train": {**tiny_run_layer["train"], "steps": 300, "checkpoint_every": 20}}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(layer))
+    command = [sys.executable, "-m", "mage_bench.cli", "train", "--config", str(config), "--quiet"]
+    victim = subprocess.Popen(command + ["--out", str(tmp_path / "killed")])
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # let it run past the checkpoint, so the log holds lines to rewind
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert safe_torch_load(checkpoint)["step"] < 300, "training finished before it could be killed"
+    subprocess.run(command + ["--out", str(tmp_path / "killed"), "--resume"], check=True)
+    subprocess.run(command + ["--out", str(tmp_path / "straight")], check=True)
+    a, b = _weights(tmp_path / "killed"), _weights(tmp_path / "straight")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda run: [{k: v for k, v in json.loads(x).items() if k != "time_s"}  # noqa: E731
+                         for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert strip(tmp_path / "killed") == strip(tmp_path / "straight")
