@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mage_bench.errors import ConfigError
+from mage_bench.errors import ConfigError, UserError
 from mage_bench.registry import Registry, did_you_mean
 
 C = TypeVar("C")
@@ -258,6 +258,15 @@ def resolve_config(cls: type[C], file_layer: Mapping[str, Any] | None = None,
                    cli_layer: Mapping[str, Any] | None = None) -> C:
     """The one implementation of precedence: CLI > config file > dataclass defaults."""
     return from_dict(cls, deep_merge(dict(file_layer or {}), dict(cli_layer or {})))
+
+
+def require_same_config(stored: Mapping[str, Any], current: Any, where: str) -> None:
+    """Resuming needs the config the run started with; name the sections that changed."""
+    now = to_dict(current)
+    if dict(stored) != now:
+        changed = [k for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)]
+        raise UserError(f"the config differs from the one {where} was trained with (sections: "
+                        f"{', '.join(changed)}); resume with the same config or choose another --out")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

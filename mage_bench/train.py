@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mage_bench.config import RunConfig, dump_yaml, to_dict
+from mage_bench.config import RunConfig, dump_yaml, require_same_config, to_dict
 from mage_bench.data import create_dataset, is_in_memory
 from mage_bench.errors import ConfigError, UserError
 from mage_bench.io import atomic_torch_save, atomic_write_text, rewind_jsonl, safe_torch_load
@@ -407,10 +407,7 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, progress
     step, elapsed = 0, 0.0
     if resume and checkpoint_path.exists():
         state = safe_torch_load(checkpoint_path)
-        if state["config"] != to_dict(config):
-            changed = [k for k in state["config"] if state["config"][k] != to_dict(config).get(k)]
-            raise UserError(f"the config differs from the one {run} was trained with (sections: "
-                            f"{', '.join(changed)}); resume with the same config or choose another --out")
+        require_same_config(state["config"], config, str(run))
         step, elapsed = trainer.load(state)
         if runtime.is_main:
             rewind_jsonl(run / METRICS_FILE, step)

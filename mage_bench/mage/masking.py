@@ -83,8 +83,28 @@ def _register(cls: type[MaskingDistribution]) -> type[MaskingDistribution]:
     return MASKINGS.register(cls.name)(cls)
 
 
+class _ScipyOnInterval(MaskingDistribution):
+    """A scipy.stats distribution frozen on [min, max]: ppf, mean and pdf come from scipy."""
+
+    @abstractmethod
+    def _frozen(self):
+        """The frozen scipy.stats distribution."""
+
+    def ppf(self, u):
+        return self._frozen().ppf(u)
+
+    def mean(self):
+        return float(self._frozen().mean())
+
+    def pdf(self, x):
+        return self._frozen().pdf(x)
+
+    def support(self):
+        return self.params["min"], self.params["max"]
+
+
 @_register
-class TruncatedNormal(MaskingDistribution):
+class TruncatedNormal(_ScipyOnInterval):
     """The official MAGE distribution: N(mean, std) truncated to [min, max]."""
 
     name = "truncnorm"
@@ -102,17 +122,6 @@ class TruncatedNormal(MaskingDistribution):
             raise ConfigError(f"masking {self.spec()}: needs std > 0 and min < max")
         super().validate()
 
-    def ppf(self, u):
-        return self._frozen().ppf(u)
-
-    def mean(self):
-        return float(self._frozen().mean())
-
-    def pdf(self, x):
-        return self._frozen().pdf(x)
-
-    def support(self):
-        return self.params["min"], self.params["max"]
 
 
 @_register
@@ -198,7 +207,7 @@ class Cosine(MaskingDistribution):
 
 
 @_register
-class Beta(MaskingDistribution):
+class Beta(_ScipyOnInterval):
     """Beta(a, b) rescaled onto [min, max]."""
 
     name = "beta"
@@ -215,17 +224,6 @@ class Beta(MaskingDistribution):
             raise ConfigError(f"masking {self.spec()}: needs a > 0, b > 0 and min < max")
         super().validate()
 
-    def ppf(self, u):
-        return self._frozen().ppf(u)
-
-    def mean(self):
-        return float(self._frozen().mean())
-
-    def pdf(self, x):
-        return self._frozen().pdf(x)
-
-    def support(self):
-        return self.params["min"], self.params["max"]
 
 
 def create_masking(spec: str) -> MaskingDistribution:

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mage_bench.config import TokenizerJobConfig, dump_yaml, to_dict
+from mage_bench.config import TokenizerJobConfig, dump_yaml, require_same_config, to_dict
 from mage_bench.errors import UserError
 from mage_bench.io import (
     atomic_torch_save,
@@ -244,10 +244,7 @@ def train_tokenizer(config: TokenizerJobConfig, out_dir: str | Path, resume: boo
 
     if resume and state_path.exists():
         state = safe_torch_load(state_path)
-        if state["config"] != to_dict(config):
-            diff = [k for k in state["config"] if state["config"][k] != to_dict(config).get(k)]
-            raise UserError(f"the config differs from the one {out} was trained with (sections: {', '.join(diff)}); "
-                            f"resume with the same config or choose another --out")
+        require_same_config(state["config"], config, str(out))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if disc is not None:
