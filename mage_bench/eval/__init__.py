@@ -1,0 +1,25 @@
+"""Evaluators as pure functions on features (NumPy float [N, D], integer labels [N]).
+
+Each returns a dict of metric name -> value; wiring to runs, caches and the CLI comes on top.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mage_bench.errors import UserError
+
+
+def check_features(name: str, x: np.ndarray, labels: np.ndarray | None = None, min_rows: int = 1) -> np.ndarray:
+    """Features as float64 [N, D]; NaN/inf, wrong ranks and mismatched labels are one-line errors."""
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise UserError(f"{name}: features must be a 2-D array [N, D], got shape {x.shape}")
+    if x.shape[0] < min_rows:
+        raise UserError(f"{name}: needs at least {min_rows} feature rows, got {x.shape[0]}")
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).any(axis=1).sum())
+        raise UserError(f"{name}: {bad} feature rows contain NaN or inf; the model or extractor diverged")
+    if labels is not None and np.asarray(labels).shape != (x.shape[0],):
+        raise UserError(f"{name}: {x.shape[0]} feature rows but labels of shape {np.asarray(labels).shape}")
+    return x.astype(np.float64, copy=False)

@@ -1,0 +1,114 @@
+import numpy as np
+import pytest
+import torch
+
+from mage_bench.errors import UserError
+from mage_bench.eval.fewshot import few_shot
+from mage_bench.eval.fid import feature_statistics, frechet_distance
+from mage_bench.eval.knn import knn_classify
+from mage_bench.eval.linear import linear_probe
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    return train_test_split(bunch.data / 16.0, bunch.target, test_size=0.2, stratify=bunch.target, random_state=0)
+
+
+def test_frechet_matches_the_closed_form_for_gaussians():
+    rng = np.random.default_rng(0)
+    m1, m2 = np.array([0.0, 1.0, -1.0]), np.array([0.5, 0.0, -1.0])
+    v1, v2 = np.array([1.0, 2.0, 0.5]), np.array([2.0, 1.0, 0.5])
+    a = m1 + rng.standard_normal((200_000, 3)) * np.sqrt(v1)
+    b = m2 + rng.standard_normal((200_000, 3)) * np.sqrt(v2)
+    closed = float(((m1 - m2) ** 2).sum() + (v1 + v2 - 2 * np.sqrt(v1 * v2)).sum())  # diagonal covariances
+    assert frechet_distance(a, b) == pytest.approx(closed, abs=0.02)
+
+
+def test_frechet_agrees_with_torch_fidelity():
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((500, 16)) @ rng.standard_normal((16, 16))
+    b = rng.standard_normal((400, 16)) * 1.5 + 0.3
+    ours = frechet_distance(a, b)
+    theirs = fid_statistics_to_metric(fid_features_to_statistics(torch.from_numpy(a)),
+                                      fid_features_to_statistics(torch.from_numpy(b)), verbose=False)[KEY_METRIC_FID]
+    assert ours == pytest.approx(theirs, rel=1e-6)
+    mu, sigma = feature_statistics(a)
+    assert np.allclose(sigma, np.cov(a, rowvar=False)) and np.allclose(mu, a.mean(0))
+
+
+def test_frechet_is_stable_when_rank_deficient():
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((20, 64)), rng.standard_normal((30, 64))  # N < D: singular covariances
+    value = frechet_distance(a, b)
+    assert np.isfinite(value) and value >= -1e-6
+    assert abs(frechet_distance(a, a)) < 1e-6
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.array([[np.nan, 1.0], [0.0, 1.0]]), "contain NaN or inf"),
+    (np.zeros(5), "must be a 2-D array"),
+    (np.zeros((1, 3)), "at least 2 feature rows"),
+])
+def test_frechet_bad_input(bad, message):
+    with pytest.raises(UserError, match=message):
+        frechet_distance(bad, np.zeros((4, bad.shape[-1] if bad.ndim else 1)))
+
+
+def _brute_force_knn(train_x, train_y, test_x, k, temperature):
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    sims = unit(test_x) @ unit(train_x).T
+    top1 = []
+    for row in sims:
+        nearest = np.argsort(-row, kind="stable")[:k]
+        votes = np.zeros(int(train_y.max()) + 1)
+        for j in nearest:
+            votes[train_y[j]] += np.exp(row[j] / temperature)
+        top1.append(int(np.argmax(votes)))
+    return np.array(top1)
+
+
+@pytest.mark.parametrize("k", [1, 10, 20, 200])
+def test_knn_matches_a_brute_force_weighted_vote(digits, k):
+    train_x, test_x, train_y, test_y = digits
+    result = knn_classify(train_x, train_y, test_x, test_y, k=k)
+    expected = (_brute_force_knn(train_x, train_y, test_x, k, 0.07) == test_y).mean()
+    assert result["top1"] == pytest.approx(expected, abs=1.5 / len(test_y))  # at most one float near-tie
+    assert result["top5"] >= result["top1"]
+
+
+def test_knn_few_queries_absent_classes_and_large_k(digits):
+    train_x, test_x, train_y, test_y = digits
+    keep = test_y < 3  # classes 3..9 absent from the queries
+    result = knn_classify(train_x, train_y, test_x[keep][:40], test_y[keep][:40], k=5000)
+    assert result["k"] == len(train_x) and 0.0 <= result["top1"] <= 1.0
+
+
+def test_linear_probe_on_raw_pixels_matches_scikit_learn(digits):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    train_x, test_x, train_y, test_y = digits
+    result = linear_probe(train_x, train_y, test_x, test_y)
+    assert result["top1"] >= 0.95 and result["top5"] >= result["top1"]
+    scaler = StandardScaler().fit(train_x)
+    reference = LogisticRegression(C=result["C"], max_iter=2000, random_state=0).fit(scaler.transform(train_x), train_y)
+    assert result["top1"] == pytest.approx(reference.score(scaler.transform(test_x), test_y))
+
+
+def test_few_shot_is_reproducible_by_seed(digits):
+    train_x, test_x, train_y, test_y = digits
+    a = few_shot(train_x, train_y, test_x, test_y, shots=(1, 5), draws=3, seed=0)
+    b = few_shot(train_x, train_y, test_x, test_y, shots=(1, 5), draws=3, seed=0)
+    c = few_shot(train_x, train_y, test_x, test_y, shots=(1, 5), draws=3, seed=1)
+    assert a == b and a[1]["accuracies"] != c[1]["accuracies"]
+    assert a[5]["mean"] > a[1]["mean"] and a[5]["ci_low"] <= a[5]["mean"] <= a[5]["ci_high"]
+    with pytest.raises(UserError, match="fewer than 500 shots"):
+        few_shot(train_x, train_y, test_x, test_y, shots=(500,), draws=2)
