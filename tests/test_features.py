@@ -1,0 +1,56 @@
+import json
+
+import numpy as np
+import pytest
+
+from mage_bench.config import DataConfig, RunConfig, resolve_config
+from mage_bench.errors import UserError
+from mage_bench.eval.features import extract_features
+from mage_bench.io import atomic_torch_save, safe_torch_load
+from mage_bench.results import REQUIRED, ResultRecord, config_hash, read_records, write_records
+from mage_bench.train import train
+
+
+@pytest.fixture
+def run(tmp_path, tiny_run_layer):
+    train(resolve_config(RunConfig, tiny_run_layer), tmp_path / "run", progress=False)
+    return tmp_path / "run"
+
+
+def test_features_are_batch_size_invariant(run, tmp_path):
+    data = DataConfig()
+    one, labels_one, _ = extract_features(run, data, "test", batch_size=1, cache_dir=tmp_path / "c1")
+    many, labels_many, _ = extract_features(run, data, "test", batch_size=64, cache_dir=tmp_path / "c64")
+    assert one.shape == (360, 32) and one.dtype == np.float32
+    assert np.abs(np.asarray(one) - np.asarray(many)).max() < 1e-5
+    assert np.array_equal(labels_one, labels_many)
+
+
+def test_cache_is_hit_then_invalidated_by_a_new_checkpoint(run):
+    data = DataConfig()
+    first, _, info = extract_features(run, data, "test")
+    again, _, info_again = extract_features(run, data, "test")
+    assert not info["cached"] and info_again["cached"] and np.array_equal(first, again)
+    state = safe_torch_load(run / "checkpoint.pt")
+    state["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()}
+    atomic_torch_save(state, run / "checkpoint.pt")
+    changed, _, info_changed = extract_features(run, data, "test")
+    assert not info_changed["cached"] and info_changed["cache_key"] != info["cache_key"]
+    assert not np.allclose(changed, first)
+    assert len(list((run / "eval" / "cache").glob("features-*.json"))) == 2
+
+
+def test_result_records_round_trip(tmp_path, tiny_run_layer):
+    cfg = resolve_config(RunConfig, tiny_run_layer)
+    record = ResultRecord(sweep=None, run="r", evaluator="knn", metric="top1", value=0.9, higher_is_better=True,
+                          n_samples=360, dataset="digits", split="test", feature_extractor="mage", seed=0,
+                          config_hash=config_hash(cfg), extra={"k": 20})
+    write_records(tmp_path / "eval" / "knn.json", [record])
+    (loaded,) = read_records(tmp_path / "eval" / "knn.json")
+    assert set(REQUIRED) <= set(loaded) and loaded["k"] == 20 and loaded["value"] == 0.9
+    assert config_hash(cfg) == config_hash(resolve_config(RunConfig, tiny_run_layer))
+    (tmp_path / "bad.json").write_text(json.dumps([{"run": "r"}]))
+    with pytest.raises(UserError, match="record 0 lacks sweep"):
+        read_records(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="clash"):
+        ResultRecord(**{**record.__dict__, "extra": {"value": 1}}).as_dict()
