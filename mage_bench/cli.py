@@ -116,6 +116,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.evaluator in ("fid", "all"):
+        return cmd_not_implemented(args)
+    if not args.run:
+        raise UserError(f"`mage-bench eval {args.evaluator}` needs --run RUN_DIR")
+    from mage_bench.config import DataConfig, from_dict
+    from mage_bench.eval.runner import evaluate_run
+
+    data = from_dict(DataConfig, {"name": args.data} if args.data else {}, "data")
+    written = evaluate_run(args.run, data, [args.evaluator], progress=_progress_enabled(args))
+    records = written[args.evaluator]
+    lines = [f"{r['evaluator']} {r['metric']}"
+             + "".join(f" {k}={r[k]}" for k in ("k", "shots") if k in r) + f": {r['value']:.4f}" for r in records]
+    _emit(args, records, "\n".join(lines) + f"\nrecords: {args.run}/eval/{args.evaluator}.json")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from mage_bench.bench import bench_train, format_table
     from mage_bench.config import MODEL_PRESETS
@@ -182,14 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="FID/IS/KID/PR, linear probe, few-shot, kNN (not implemented yet)")
+    p = sub.add_parser("eval", help="linear probe, few-shot, kNN on a run (fid and all: not implemented yet)")
     p.add_argument("evaluator", choices=["fid", "linear", "fewshot", "knn", "all"])
     p.add_argument("--run"), p.add_argument("--data"), p.add_argument("--real"), p.add_argument("--fake")
     p.add_argument("--num", type=int), p.add_argument("--extractor"), p.add_argument("--backend")
     p.add_argument("--isc", action="store_true"), p.add_argument("--kid", action="store_true")
     p.add_argument("--prc", action="store_true")
     _common(p)
-    p.set_defaults(func=cmd_not_implemented)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sweep", help="run a sweep spec and write its report (not implemented yet)")
     p.add_argument("spec", help="masking | contrastive | PATH.yaml")

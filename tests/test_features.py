@@ -54,3 +54,22 @@ def test_result_records_round_trip(tmp_path, tiny_run_layer):
         read_records(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="clash"):
         ResultRecord(**{**record.__dict__, "extra": {"value": 1}}).as_dict()
+
+
+def test_cli_eval_knn_linear_fewshot_write_records(run, capsys):
+    from mage_bench.cli import main
+
+    for name in ("knn", "linear", "fewshot"):
+        assert main(["eval", name, "--run", str(run), "--data", "digits", "--json", "--quiet"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        stored = read_records(run / "eval" / f"{name}.json")
+        assert printed == stored and all(r["feature_extractor"] == "mage-probe" for r in stored)
+        assert all(r["n_samples"] == 360 and r["split"] == "test" for r in stored)
+    knn = read_records(run / "eval" / "knn.json")
+    assert sorted({r["k"] for r in knn}) == [10, 20, 100, 200]
+    fewshot = read_records(run / "eval" / "fewshot.json")
+    assert sorted(r["shots"] for r in fewshot) == [1, 2, 5, 10] and all("ci_low" in r for r in fewshot)
+    # One feature pass: the second and third evaluators reused the cached features.
+    assert len(list((run / "eval" / "cache").glob("features-*.json"))) == 2
+    assert main(["eval", "knn"]) == 2
+    assert "needs --run" in capsys.readouterr().err
