@@ -58,7 +58,9 @@ def generate_images(run_dir: str | Path, num: int, out_dir: str | Path, steps: i
     manifest = {"run": str(run_dir), "checkpoint_sha256": loaded.checkpoint_sha256, "step": loaded.step,
                 "steps": steps, "temperature": temperature, "seed": seed}
     previous = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).exists() else None
-    if previous is not None and {k: previous.get(k) for k in manifest} != manifest:
+    # The same images need the same weights and decoding settings; how the run path is spelled does not matter.
+    same = ("checkpoint_sha256", "steps", "temperature", "seed")
+    if previous is not None and any(previous.get(k) != manifest[k] for k in same):
         raise UserError(f"{out} holds images made with other settings ({out / MANIFEST}); choose another --out")
     if previous is None and out.exists() and any(out.glob("*.png")):
         raise UserError(f"{out} already holds PNG files of unknown origin; choose an empty --out")
