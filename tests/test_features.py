@@ -73,3 +73,12 @@ def test_cli_eval_knn_linear_fewshot_write_records(run, capsys):
     assert len(list((run / "eval" / "cache").glob("features-*.json"))) == 2
     assert main(["eval", "knn"]) == 2
     assert "needs --run" in capsys.readouterr().err
+
+
+def test_eval_uses_the_runs_data_settings(run):
+    from mage_bench.eval.runner import run_data_config
+
+    assert run_data_config(run) == DataConfig()
+    assert run_data_config(run, "imagefolder:/x").image_size == 16
+    with pytest.raises(UserError, match="is not a trained run"):
+        run_data_config(run / "nope")

@@ -55,6 +55,22 @@ def _knn(train_x, train_y, test_x, test_y, seed: int) -> list[Row]:
     return rows
 
 
+def run_data_config(run_dir: str | Path, name: str | None = None) -> DataConfig:
+    """The data config a run was trained with, optionally pointed at another data set of that layout."""
+    import dataclasses
+
+    from mage_bench.config import RunConfig, from_dict
+    from mage_bench.errors import UserError
+    from mage_bench.io import safe_torch_load
+    from mage_bench.runs import CHECKPOINT_FILE
+
+    checkpoint = Path(run_dir) / CHECKPOINT_FILE
+    if not checkpoint.is_file():
+        raise UserError(f"{run_dir} is not a trained run (no {CHECKPOINT_FILE})")
+    data = from_dict(RunConfig, safe_torch_load(checkpoint)["config"], "config").data
+    return dataclasses.replace(data, name=name) if name else data
+
+
 def evaluate_run(run_dir: str | Path, data: DataConfig, names: list[str], progress: bool = False,
                  device: str = "cpu") -> dict[str, list[dict[str, Any]]]:
     """Run the named evaluators on the run's cached features; write and return their records."""
