@@ -121,11 +121,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return cmd_not_implemented(args)
     if not args.run:
         raise UserError(f"`mage-bench eval {args.evaluator}` needs --run RUN_DIR")
-    from mage_bench.eval.runner import evaluate_run, run_data_config
+    from mage_bench.eval.runner import evaluate_run
 
     # The run's own data settings (image size, split) apply; --data only swaps the data set.
-    data = run_data_config(args.run, args.data)
-    written = evaluate_run(args.run, data, [args.evaluator], progress=_progress_enabled(args))
+    written = evaluate_run(args.run, [args.evaluator], data_name=args.data, progress=_progress_enabled(args))
     records = written[args.evaluator]
     lines = [f"{r['evaluator']} {r['metric']}"
              + "".join(f" {k}={r[k]}" for k in ("k", "shots") if k in r) + f": {r['value']:.4f}" for r in records]

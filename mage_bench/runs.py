@@ -23,6 +23,7 @@ class LoadedRun:
     tokenizer: Any  # VQGAN, eval mode
     step: int
     checkpoint_sha256: str
+    path: Path  # the run folder
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
@@ -42,4 +43,4 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     model.load_state_dict(state["model"])
     tokenizer = load_tokenizer(config.tokenizer)
     return LoadedRun(config, model.to(device).eval(), tokenizer.to(device).eval(), int(state["step"]),
-                     sha256_file(checkpoint))
+                     sha256_file(checkpoint), run)

@@ -77,8 +77,10 @@ def test_cli_eval_knn_linear_fewshot_write_records(run, capsys):
 
 def test_eval_uses_the_runs_data_settings(run):
     from mage_bench.eval.runner import run_data_config
+    from mage_bench.runs import load_run
 
-    assert run_data_config(run) == DataConfig()
-    assert run_data_config(run, "imagefolder:/x").image_size == 16
+    config = load_run(run).config
+    assert run_data_config(config) == DataConfig()
+    assert run_data_config(config, "imagefolder:/x").image_size == 16
     with pytest.raises(UserError, match="is not a trained run"):
-        run_data_config(run / "nope")
+        load_run(run / "nope")

@@ -5,6 +5,7 @@ import torch
 
 from mage_bench.cli import main
 from mage_bench.errors import CheckpointError
+from mage_bench.io import safe_torch_load
 from mage_bench.mage import create_model
 from mage_bench.mage.checkpoint import import_official_mage
 from mage_bench.mage.masking import sample_token_masks
@@ -39,7 +40,7 @@ def test_official_checkpoint_imports_strictly_and_gives_the_same_logits(tmp_path
 
 def test_mismatched_checkpoint_lists_the_keys(tmp_path, official_file):
     path, _ = official_file
-    state = torch.load(path, weights_only=False)["model"]
+    state = safe_torch_load(path)["model"]  # weights_only, argparse args allowed
     del state["blocks.3.mlp.fc1.weight"]
     state["decoder_norm.weight"] = torch.zeros(5)
     bad = tmp_path / "bad.pth"

@@ -23,3 +23,8 @@ def check_features(name: str, x: np.ndarray, labels: np.ndarray | None = None, m
     if labels is not None and np.asarray(labels).shape != (x.shape[0],):
         raise UserError(f"{name}: {x.shape[0]} feature rows but labels of shape {np.asarray(labels).shape}")
     return x.astype(np.float64, copy=False)
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (all-zero rows stay zero)."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

@@ -46,20 +46,23 @@ def _publish(array: np.memmap, tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def extract_features(run_dir: str | Path, data: DataConfig, split: str, batch_size: int = 256,
+def extract_features(run: str | Path | Any, data: DataConfig, split: str, batch_size: int = 256,
                      device: str = "cpu", cache_dir: str | Path | None = None,
                      progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(features float32 [N, D] memory-mapped, labels int64 [N], info) for a run on a data split."""
+    """(features float32 [N, D] memory-mapped, labels int64 [N], info) for a run on a data split.
+
+    `run` is a run folder or a `LoadedRun` (pass one to extract several splits with one load).
+    """
     import torch
     from tqdm import tqdm
 
     from mage_bench.data import create_dataset
     from mage_bench.io import atomic_write_json
-    from mage_bench.runs import EVAL_DIR, load_run
+    from mage_bench.runs import EVAL_DIR, LoadedRun, load_run
 
-    loaded = load_run(run_dir, device)
+    loaded = run if isinstance(run, LoadedRun) else load_run(run, device)
     key = cache_key(loaded.checkpoint_sha256, data, split)
-    folder = Path(cache_dir) if cache_dir else Path(run_dir) / EVAL_DIR / "cache"
+    folder = Path(cache_dir) if cache_dir else loaded.path / EVAL_DIR / "cache"
     folder.mkdir(parents=True, exist_ok=True)
     feats_path, labels_path, meta_path = (folder / f"features-{key}{suffix}" for suffix in (".npy", ".labels.npy",
                                                                                              ".json"))

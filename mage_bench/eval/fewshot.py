@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from mage_bench.errors import UserError
-from mage_bench.eval import check_features
+from mage_bench.eval import check_features, l2_normalise
 
 
 def draw_support(labels: np.ndarray, shots: int, seed: int, draw: int) -> np.ndarray:
@@ -34,11 +34,8 @@ def few_shot(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
     if draws < 2:
         raise UserError(f"fewshot: needs at least 2 draws for a spread, got {draws}")
 
-    def unit(x: np.ndarray) -> np.ndarray:
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    train_x = unit(check_features("fewshot", train_x, train_y))
-    test_x = unit(check_features("fewshot", test_x, test_y))
+    train_x = l2_normalise(check_features("fewshot", train_x, train_y))
+    test_x = l2_normalise(check_features("fewshot", test_x, test_y))
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     results: dict[int, dict[str, float]] = {}
     for k in shots:

@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from mage_bench.eval import check_features
+from mage_bench.eval import check_features, l2_normalise
 
 KEY_TOP1, KEY_TOP5 = "top1", "top5"
-
-
-def _l2_normalise(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def nearest_neighbours(database: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -32,8 +28,8 @@ def nearest_neighbours(database: np.ndarray, queries: np.ndarray, k: int) -> tup
 def knn_classify(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                  k: int = 20, temperature: float = 0.07) -> dict[str, float]:
     """Weighted kNN accuracy: {"top1", "top5", "k"} (k is clamped to the training-set size)."""
-    train = _l2_normalise(check_features("knn", train_x, train_y))
-    test = _l2_normalise(check_features("knn", test_x, test_y))
+    train = l2_normalise(check_features("knn", train_x, train_y)).astype(np.float32)
+    test = l2_normalise(check_features("knn", test_x, test_y)).astype(np.float32)
     train_y, test_y = np.asarray(train_y, dtype=np.int64), np.asarray(test_y, dtype=np.int64)
     k = min(k, train.shape[0])
     sims, idx = nearest_neighbours(train, test, k)  # (Q, k)

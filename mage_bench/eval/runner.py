@@ -55,44 +55,36 @@ def _knn(train_x, train_y, test_x, test_y, seed: int) -> list[Row]:
     return rows
 
 
-def run_data_config(run_dir: str | Path, name: str | None = None) -> DataConfig:
-    """The data config a run was trained with, optionally pointed at another data set of that layout."""
+def run_data_config(config: Any, name: str | None = None) -> DataConfig:
+    """A run config's data settings, optionally pointed at another data set of that layout."""
     import dataclasses
 
-    from mage_bench.config import RunConfig, from_dict
-    from mage_bench.errors import UserError
-    from mage_bench.io import safe_torch_load
-    from mage_bench.runs import CHECKPOINT_FILE
-
-    checkpoint = Path(run_dir) / CHECKPOINT_FILE
-    if not checkpoint.is_file():
-        raise UserError(f"{run_dir} is not a trained run (no {CHECKPOINT_FILE})")
-    data = from_dict(RunConfig, safe_torch_load(checkpoint)["config"], "config").data
-    return dataclasses.replace(data, name=name) if name else data
+    return dataclasses.replace(config.data, name=name) if name else config.data
 
 
-def evaluate_run(run_dir: str | Path, data: DataConfig, names: list[str], progress: bool = False,
+def evaluate_run(run_dir: str | Path, names: list[str], data_name: str | None = None, progress: bool = False,
                  device: str = "cpu") -> dict[str, list[dict[str, Any]]]:
-    """Run the named evaluators on the run's cached features; write and return their records."""
-    from mage_bench.config import RunConfig, from_dict
+    """Run the named evaluators on the run's cached features; write and return their records.
+
+    The run is loaded once; its own data settings apply, `data_name` only swaps the data set.
+    """
     from mage_bench.eval.features import extract_features
-    from mage_bench.io import safe_torch_load
     from mage_bench.results import ResultRecord, config_hash, write_records
-    from mage_bench.runs import CHECKPOINT_FILE, EVAL_DIR
+    from mage_bench.runs import EVAL_DIR, load_run
 
     evaluators = {name: EVALUATORS.get(name) for name in names}  # typos fail before any work
-    run = Path(run_dir)
+    run = load_run(run_dir, device)
+    config, data = run.config, run_data_config(run.config, data_name)
     train_x, train_y, _ = extract_features(run, data, "train", device=device, progress=progress)
     test_x, test_y, _ = extract_features(run, data, "test", device=device, progress=progress)
-    config = from_dict(RunConfig, safe_torch_load(run / CHECKPOINT_FILE)["config"], "config")
     written = {}
     for name, evaluate in evaluators.items():
-        records = [ResultRecord(sweep=None, run=run.name, evaluator=name, metric=metric, value=float(value),
+        records = [ResultRecord(sweep=None, run=run.path.name, evaluator=name, metric=metric, value=float(value),
                                 higher_is_better=better, n_samples=int(len(test_y)), dataset=data.name,
                                 split="test", feature_extractor=FEATURE_EXTRACTOR, seed=config.seed,
                                 config_hash=config_hash(config), extra=extra)
                    for metric, value, better, extra in evaluate(np.asarray(train_x), train_y, np.asarray(test_x),
                                                                 test_y, config.seed)]
-        write_records(run / EVAL_DIR / f"{name}.json", records)
+        write_records(run.path / EVAL_DIR / f"{name}.json", records)
         written[name] = [r.as_dict() for r in records]
     return written
