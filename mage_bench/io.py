@@ -54,6 +54,16 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, handle)
 
 
+def check_output_folder(out: Path, state: Path, resume: bool, folder_hint: str, state_name: str) -> None:
+    """A trainer's --out must be a folder, and one holding a training state is continued only with --resume."""
+    from mage_bench.errors import UserError
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give {folder_hint}")
+    if state.exists() and not resume:
+        raise UserError(f"{out} already holds {state_name}; pass --resume to continue it or choose another --out")
+
+
 def rewind_jsonl(path: str | os.PathLike, step: int) -> None:
     """Drop log lines with "step" beyond `step` (written after the checkpoint being resumed)."""
     path = Path(path)

@@ -31,7 +31,13 @@ import torch.nn.functional as F
 from mage_bench.config import RunConfig, dump_yaml, require_same_config, to_dict
 from mage_bench.data import create_dataset, is_in_memory
 from mage_bench.errors import ConfigError, UserError
-from mage_bench.io import atomic_torch_save, atomic_write_text, rewind_jsonl, safe_torch_load
+from mage_bench.io import (
+    atomic_torch_save,
+    atomic_write_text,
+    check_output_folder,
+    rewind_jsonl,
+    safe_torch_load,
+)
 from mage_bench.mage.contrastive import ProjectionHead, info_nce, pool_encoder_output
 from mage_bench.mage.masking import (
     batch_ratios,
@@ -395,11 +401,8 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, progress
     from tqdm import tqdm
 
     run = Path(run_dir)
-    if run.exists() and not run.is_dir():
-        raise UserError(f"--out {run} is a file; give a run folder")
     checkpoint_path = run / CHECKPOINT_FILE
-    if checkpoint_path.exists() and not resume:
-        raise UserError(f"{run} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    check_output_folder(run, checkpoint_path, resume, "a run folder", "a checkpoint")
     config = resolve_run_config(config)
     runtime = setup_runtime(config)
     trainer = Trainer(config, runtime)

@@ -27,6 +27,7 @@ from mage_bench.io import (
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
+    check_output_folder,
     git_commit,
     package_versions,
     rewind_jsonl,
@@ -215,11 +216,8 @@ def train_tokenizer(config: TokenizerJobConfig, out_dir: str | Path, resume: boo
     from mage_bench.data import create_dataset
 
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder such as models/NAME")
     state_path = out / STATE_FILE
-    if state_path.exists() and not resume:
-        raise UserError(f"{out} already holds a training state; pass --resume to continue it or choose another --out")
+    check_output_folder(out, state_path, resume, "a folder such as models/NAME", "a training state")
     if resume and (out / CARD_FILE).exists():
         card = json.loads((out / CARD_FILE).read_text())
         if card.get("config") != to_dict(config):
