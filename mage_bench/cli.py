@@ -26,7 +26,6 @@ examples:
 
 # Where each contract command's implementation is tracked until it lands.
 PENDING = {
-    "eval": "the evaluators issue",
     "sweep": "the sweeps and reports issue",
     "report": "the sweeps and reports issue",
 }
@@ -116,18 +115,76 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible")
+    return name
+
+
+def _generation_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    return ("fid",) + tuple(flag for flag in ("isc", "kid", "prc") if getattr(args, flag))
+
+
+def _record_line(r: dict[str, Any]) -> str:
+    label = r["metric"]
+    if r["evaluator"] == "fid":  # FID/IS only with the standard Inception weights (ARCHITECTURE.md)
+        names = {"fid": "FID", "is": "IS", "kid": "KID"} if r["standard_extractor"] else \
+            {"fid": f"FD ({r['feature_extractor']})", "is": f"IS ({r['feature_extractor']})",
+             "kid": f"KD ({r['feature_extractor']})"}
+        label = names.get(r["metric"], f"{r['metric']} ({r['feature_extractor']})")
+    details = "".join(f" {k}={r[k]}" for k in ("k", "shots") if k in r)
+    spread = f" +- {r['std']:.4f}" if r.get("std") is not None and r["evaluator"] == "fid" else ""
+    return f"{r['evaluator']} {label}{details}: {r['value']:.4f}{spread}"
+
+
+def cmd_eval_fid(args: argparse.Namespace) -> int:
+    from mage_bench.eval.runner import evaluate_generation
+
+    if not args.real or not args.fake:
+        raise UserError("`mage-bench eval fid` needs --real DIR|DATASET and --fake DIR|RUN_DIR")
+    records = evaluate_generation(args.fake, args.real, _generation_flags(args), num=args.num,
+                                  extractor=args.extractor, backend=args.backend, weights=args.weights,
+                                  split=args.real_split, cache_dir=args.cache, device=_device(args.device),
+                                  progress=_progress_enabled(args))
+    human = "\n".join(_record_line(r) for r in records)
+    human += f"\n({records[0]['n_samples']} generated vs {records[0]['n_real']} real images, " \
+             f"{records[0]['backend']}, extractor {records[0]['feature_extractor']})"
+    _emit(args, records, human)
+    return 0
+
+
+def cmd_eval_all(args: argparse.Namespace) -> int:
+    from mage_bench.eval.runner import evaluate_all
+
+    if not args.run:
+        raise UserError("`mage-bench eval all` needs --run RUN_DIR")
+    written = evaluate_all(args.run, data_name=args.data, generation=_generation_flags(args) + ("isc", "kid"),
+                           num=args.num, extractor=args.extractor, backend=args.backend, weights=args.weights,
+                           split=args.real_split, cache_dir=args.cache, device=_device(args.device),
+                           progress=_progress_enabled(args))
+    lines = [_record_line(r) for records in written.values() for r in records]
+    _emit(args, written, "\n".join(lines) + f"\nrecords: {args.run}/eval/{{{','.join(written)}}}.json")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    if args.evaluator in ("fid", "all"):
-        return cmd_not_implemented(args)
+    if args.evaluator == "fid":
+        return cmd_eval_fid(args)
+    if args.evaluator == "all":
+        return cmd_eval_all(args)
     if not args.run:
         raise UserError(f"`mage-bench eval {args.evaluator}` needs --run RUN_DIR")
     from mage_bench.eval.runner import evaluate_run
 
     # The run's own data settings (image size, split) apply; --data only swaps the data set.
-    written = evaluate_run(args.run, [args.evaluator], data_name=args.data, progress=_progress_enabled(args))
+    written = evaluate_run(args.run, [args.evaluator], data_name=args.data, progress=_progress_enabled(args),
+                           device=_device(args.device))
     records = written[args.evaluator]
-    lines = [f"{r['evaluator']} {r['metric']}"
-             + "".join(f" {k}={r[k]}" for k in ("k", "shots") if k in r) + f": {r['value']:.4f}" for r in records]
+    lines = [_record_line(r) for r in records]
     _emit(args, records, "\n".join(lines) + f"\nrecords: {args.run}/eval/{args.evaluator}.json")
     return 0
 
@@ -198,12 +255,32 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="linear probe, few-shot, kNN on a run (fid and all: not implemented yet)")
+    p = sub.add_parser(
+        "eval", help="FID/IS/KID/PR, linear probe, few-shot, kNN",
+        description="Evaluate generation (fid: --real/--fake) or representations (linear|fewshot|knn: --run), "
+                    "or both at once (all: --run).",
+        epilog="examples:\n  mage-bench eval fid --real digits --fake runs/demo --num 1000 --isc --kid\n"
+               "  mage-bench eval fid --real imagenet_val_png/ --fake samples/ --weights "
+               "weights-inception-2015-12-05-6726825d.pth\n  mage-bench eval all --run runs/demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("evaluator", choices=["fid", "linear", "fewshot", "knn", "all"])
-    p.add_argument("--run"), p.add_argument("--data"), p.add_argument("--real"), p.add_argument("--fake")
-    p.add_argument("--num", type=int), p.add_argument("--extractor"), p.add_argument("--backend")
-    p.add_argument("--isc", action="store_true"), p.add_argument("--kid", action="store_true")
-    p.add_argument("--prc", action="store_true")
+    p.add_argument("--run", help="run folder (linear, fewshot, knn, all)")
+    p.add_argument("--data", help="data set for the representation evaluators (default: the run's)")
+    p.add_argument("--real", help="fid: reference images, a folder or a data set (digits, imagefolder:PATH, ...)")
+    p.add_argument("--fake", help="fid: generated images, a folder, or a run folder (then --num images are "
+                                  "generated into RUN/samples)")
+    p.add_argument("--real-split", default="train", help="split of a --real data set (default train)")
+    p.add_argument("--num", type=int, help="images to generate from a run (all: default = the reference's count)")
+    p.add_argument("--extractor", help="inception-v3 (standard FID/IS) | digits-cnn (default for digits)")
+    p.add_argument("--weights", help="extractor weights file (Inception: weights-inception-2015-12-05-6726825d.pth; "
+                                     "also $MAGE_BENCH_INCEPTION_WEIGHTS)")
+    p.add_argument("--backend", default="torch-fidelity", help="torch-fidelity (default) | clean-fid")
+    p.add_argument("--cache", help="cache for reference images and statistics (default ~/.cache/mage-bench, "
+                                   "or $MAGE_BENCH_CACHE)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--isc", action="store_true", help="also the Inception Score")
+    p.add_argument("--kid", action="store_true", help="also KID")
+    p.add_argument("--prc", action="store_true", help="also precision and recall")
     _common(p)
     p.set_defaults(func=cmd_eval)
 

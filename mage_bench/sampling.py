@@ -37,19 +37,22 @@ def _load_png(path: Path) -> torch.Tensor:
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
 
 
-def generate_images(run_dir: str | Path, num: int, out_dir: str | Path, steps: int | None = None,
+def generate_images(run_dir: str | Path | Any, num: int, out_dir: str | Path, steps: int | None = None,
                     temperature: float | None = None, seed: int = 0, batch_size: int = 64,
                     progress: bool = True, device: str = "cpu") -> dict[str, Any]:
-    """Decode `num` images from the run's checkpoint into `out_dir`; returns the manifest."""
+    """Decode `num` images from the run's checkpoint into `out_dir`; returns the manifest.
+
+    `run_dir` is a run folder or a `LoadedRun` (to reuse a model already loaded)."""
     from torchvision.utils import make_grid
     from tqdm import tqdm
 
     from mage_bench.mage.generate import batched, decoding_noise, iterative_decode
-    from mage_bench.runs import load_run
+    from mage_bench.runs import LoadedRun, load_run
 
     if num < 1 or batch_size < 1:
         raise UserError(f"--num ({num}) and the batch size ({batch_size}) must be >= 1")
-    loaded = load_run(run_dir, device)
+    loaded = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, device)
+    run_dir = loaded.path
     steps = loaded.config.generate.steps if steps is None else steps
     temperature = loaded.config.generate.temperature if temperature is None else temperature
     if steps < 1 or temperature < 0:

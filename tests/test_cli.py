@@ -24,8 +24,6 @@ def test_help_lists_every_contract_command(capsys):
 
 
 @pytest.mark.parametrize("argv", [
-    ["eval", "fid", "--real", "a", "--fake", "b"],
-    ["eval", "all", "--run", "runs/x", "--data", "digits"],
     ["sweep", "masking"],
     ["report", "runs/masking", "--out", "reports/masking"],
 ])

@@ -5,7 +5,7 @@ import torch
 from mage_bench.errors import UserError
 from mage_bench.eval.fewshot import few_shot
 from mage_bench.eval.fid import feature_statistics, frechet_distance
-from mage_bench.eval.knn import knn_classify
+from mage_bench.eval.knn import knn_classify, retrieval_metrics
 from mage_bench.eval.linear import linear_probe
 
 
@@ -112,3 +112,39 @@ def test_few_shot_is_reproducible_by_seed(digits):
     assert a[5]["mean"] > a[1]["mean"] and a[5]["ci_low"] <= a[5]["mean"] <= a[5]["ci_high"]
     with pytest.raises(UserError, match="fewer than 500 shots"):
         few_shot(train_x, train_y, test_x, test_y, shots=(500,), draws=2)
+
+
+def _brute_force_map_at_r(db_x, db_y, q_x, q_y):
+    """mAP@R straight from the definition, one query at a time (ties: lower database index first)."""
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    sims = unit(q_x) @ unit(db_x).T
+    aps = []
+    for row, label in zip(sims, q_y, strict=True):
+        r = int((db_y == label).sum())
+        if r == 0:
+            continue
+        ranked = db_y[np.argsort(-row, kind="stable")[:r]] == label
+        precision_at_i = np.cumsum(ranked) / np.arange(1, r + 1)
+        aps.append((precision_at_i * ranked).sum() / r)
+    return float(np.mean(aps)), len(aps)
+
+
+def test_retrieval_map_at_r_matches_the_definition(digits):
+    train_x, test_x, train_y, test_y = digits
+    result = retrieval_metrics(train_x, train_y, test_x[:80], test_y[:80], precision_ks=(1, 10))
+    expected, queries = _brute_force_map_at_r(train_x, train_y, test_x[:80], test_y[:80])
+    assert result["queries"] == queries == 80
+    assert result["map_at_r"] == pytest.approx(expected, abs=1e-3)  # float near-ties only
+    assert 0.5 < result["map_at_r"] <= result["precision_at_1"] + 1e-9 <= 1.0
+
+
+def test_retrieval_with_classes_missing_on_either_side(digits):
+    train_x, test_x, train_y, test_y = digits
+    db = train_y >= 2  # classes 0 and 1 absent from the database: those queries have nothing to retrieve
+    q = test_y < 5  # classes 5..9 absent from the queries
+    result = retrieval_metrics(train_x[db], train_y[db], test_x[q][:30], test_y[q][:30])
+    expected, queries = _brute_force_map_at_r(train_x[db], train_y[db], test_x[q][:30], test_y[q][:30])
+    assert result["queries"] == queries < 30
+    assert result["map_at_r"] == pytest.approx(expected, abs=1e-3)

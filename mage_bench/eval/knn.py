@@ -40,3 +40,33 @@ def knn_classify(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     top1 = float((ranking[:, 0] == test_y).mean())
     top5 = float((ranking[:, :5] == test_y[:, None]).any(axis=1).mean())
     return {KEY_TOP1: top1, KEY_TOP5: top5, "k": k}
+
+
+def retrieval_metrics(database_x: np.ndarray, database_y: np.ndarray, query_x: np.ndarray, query_y: np.ndarray,
+                      precision_ks: tuple[int, ...] = (10,)) -> dict[str, float]:
+    """Retrieval quality with same class = relevant, cosine similarity, each query against the database.
+
+    mAP@R (Musgrave et al., 2020): R is the number of database items of the query's class; AP@R is the
+    mean over the top R ranks of precision@i at the ranks i that are relevant. Queries whose class is
+    absent from the database have nothing to retrieve and are left out (`queries` says how many count).
+    precision@k: the share of the k nearest database items that are relevant, over all queries.
+    """
+    database = l2_normalise(check_features("retrieval", database_x, database_y)).astype(np.float32)
+    queries = l2_normalise(check_features("retrieval", query_x, query_y)).astype(np.float32)
+    database_y, query_y = np.asarray(database_y, dtype=np.int64), np.asarray(query_y, dtype=np.int64)
+    class_sizes = np.bincount(database_y, minlength=int(max(database_y.max(), query_y.max())) + 1)
+    r = class_sizes[query_y]  # (Q,)
+    depth = int(min(database.shape[0], max(int(r.max()), *precision_ks)))
+    _, idx = nearest_neighbours(database, queries, depth)
+    relevant = database_y[idx] == query_y[:, None]  # (Q, depth)
+    ranks = np.arange(1, depth + 1)
+    within_r = ranks[None, :] <= r[:, None]
+    hits = np.cumsum(relevant & within_r, axis=1)
+    ap = ((hits / ranks) * (relevant & within_r)).sum(axis=1) / np.maximum(r, 1)
+    counted = r > 0
+    out = {"map_at_r": float(ap[counted].mean()) if counted.any() else float("nan"),
+           "queries": int(counted.sum())}
+    for k in precision_ks:
+        kk = min(k, depth)
+        out[f"precision_at_{k}"] = float(relevant[:, :kk].mean())
+    return out

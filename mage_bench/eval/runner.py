@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from mage_bench.config import DataConfig
+from mage_bench.errors import UserError
 from mage_bench.registry import Registry
 
 Row = tuple[str, float, bool, dict[str, Any]]
@@ -45,13 +46,17 @@ def _fewshot(train_x, train_y, test_x, test_y, seed: int) -> list[Row]:
 
 @EVALUATORS.register("knn")
 def _knn(train_x, train_y, test_x, test_y, seed: int) -> list[Row]:
-    from mage_bench.eval.knn import knn_classify
+    from mage_bench.eval.knn import knn_classify, retrieval_metrics
 
     rows = []
     for k in KNN_KS:
         r = knn_classify(train_x, train_y, test_x, test_y, k=k, temperature=0.07)
         extra = {"k": r["k"], "temperature": 0.07}
         rows += [("top1", r["top1"], True, extra), ("top5", r["top5"], True, extra)]
+    # Retrieval: test images as queries against the train split, same class = relevant.
+    r = retrieval_metrics(train_x, train_y, test_x, test_y, precision_ks=(10,))
+    rows += [("map_at_r", r["map_at_r"], True, {"queries": r["queries"]}),
+             ("precision_at_10", r["precision_at_10"], True, {})]
     return rows
 
 
@@ -62,7 +67,7 @@ def run_data_config(config: Any, name: str | None = None) -> DataConfig:
     return dataclasses.replace(config.data, name=name) if name else config.data
 
 
-def evaluate_run(run_dir: str | Path, names: list[str], data_name: str | None = None, progress: bool = False,
+def evaluate_run(run_dir: str | Path | Any, names: list[str], data_name: str | None = None, progress: bool = False,
                  device: str = "cpu") -> dict[str, list[dict[str, Any]]]:
     """Run the named evaluators on the run's cached features; write and return their records.
 
@@ -70,10 +75,10 @@ def evaluate_run(run_dir: str | Path, names: list[str], data_name: str | None = 
     """
     from mage_bench.eval.features import extract_features
     from mage_bench.results import ResultRecord, config_hash, write_records
-    from mage_bench.runs import EVAL_DIR, load_run
+    from mage_bench.runs import EVAL_DIR, LoadedRun, load_run
 
     evaluators = {name: EVALUATORS.get(name) for name in names}  # typos fail before any work
-    run = load_run(run_dir, device)
+    run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, device)
     config, data = run.config, run_data_config(run.config, data_name)
     train_x, train_y, _ = extract_features(run, data, "train", device=device, progress=progress)
     test_x, test_y, _ = extract_features(run, data, "test", device=device, progress=progress)
@@ -87,4 +92,131 @@ def evaluate_run(run_dir: str | Path, names: list[str], data_name: str | None = 
                                                                 test_y, config.seed)]
         write_records(run.path / EVAL_DIR / f"{name}.json", records)
         written[name] = [r.as_dict() for r in records]
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# Generation metrics
+
+# record metric name -> (higher is better, the backend's key of its spread or None)
+GENERATION_METRICS = {"fid": (False, None), "is": (True, "is_std"), "kid": (False, "kid_std"),
+                      "precision": (True, None), "recall": (True, None)}
+FLAG_METRICS = {"fid": ("fid",), "isc": ("is",), "kid": ("kid",), "prc": ("precision", "recall")}
+
+
+def default_extractor(real: str) -> str:
+    """digits-cnn for the bundled digits (Inception weights are meaningless on 8x8 digits), else Inception."""
+    from mage_bench.data import DatasetSpec
+
+    return "digits-cnn" if not Path(real).is_dir() and DatasetSpec.parse(real).name == "digits" else "inception-v3"
+
+
+def evaluate_generation(fake: str | Path | Any, real: str, metrics: tuple[str, ...] = ("fid",), num: int | None = None,
+                        extractor: str | None = None, backend: str = "torch-fidelity", weights: str | None = None,
+                        split: str = "train", cache_dir: str | Path | None = None, device: str = "cpu",
+                        seed: int = 0, progress: bool = False) -> list[dict[str, Any]]:
+    """FID (+ IS/KID/PR) of `fake` (a folder, a run folder or a `LoadedRun`) against `real`; returns records.
+
+    When `fake` is a run, `num` images are generated into RUN/samples and the records are written to
+    RUN/eval/fid.json; a data set given as `real` is then rendered with the run's data settings.
+    """
+    import dataclasses
+
+    from mage_bench.data import DATASETS, DatasetSpec
+    from mage_bench.eval.extractors import FID_EXTRACTORS
+    from mage_bench.eval.generation import (
+        DEFAULT_CACHE,
+        Request,
+        check_backend,
+        dataset_reference,
+        generation_metrics,
+        resolve_fake,
+        scan_folder,
+    )
+    from mage_bench.results import ResultRecord, config_hash, write_records
+    from mage_bench.runs import CHECKPOINT_FILE, EVAL_DIR, SAMPLES_DIR, LoadedRun, load_run
+    from mage_bench.sampling import generate_images
+
+    unknown = set(metrics) - set(FLAG_METRICS)
+    if unknown:
+        raise UserError(f"unknown generation metric {sorted(unknown)[0]!r}; use {', '.join(FLAG_METRICS)}")
+    check_backend(backend, metrics)  # typos and unsupported metrics fail before any work
+    spec = FID_EXTRACTORS.get(extractor or default_extractor(real))
+    cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
+
+    run = fake if isinstance(fake, LoadedRun) else None
+    if run is None and (Path(fake) / CHECKPOINT_FILE).is_file():
+        run = load_run(fake, device)
+    if run is not None:
+        if num is None:
+            raise UserError(f"--fake {run.path} is a run: say how many images to generate with --num N")
+        generate_images(run, num, run.path / SAMPLES_DIR, progress=progress, device=device)
+        fake_set = scan_folder(run.path / SAMPLES_DIR, f"{num} images generated by {run.path.name}")
+        if fake_set.count != num:
+            raise UserError(f"{run.path / SAMPLES_DIR} holds {fake_set.count} images, not {num}; "
+                            f"pass --num {fake_set.count} or empty the folder")
+    else:
+        fake_set = resolve_fake(str(fake), num)
+
+    if Path(real).is_dir():
+        real_set, dataset, real_split = scan_folder(real), str(real), "folder"
+    else:
+        name = DatasetSpec.parse(real).name
+        if name not in DATASETS:
+            raise UserError(f"--real {real!r} is neither a folder nor a data set ({', '.join(DATASETS.names())})")
+        if run is not None:  # the run's own image size, split and crop; only the data set may differ
+            data = dataclasses.replace(run.config.data, name=real)
+        else:
+            data = dataclasses.replace(DataConfig(), name=real, image_size=fake_set.size[1])
+        real_set, dataset, real_split = dataset_reference(data, split, cache, progress), real, split
+
+    request = Request(fake=fake_set, real=real_set, metrics=frozenset(metrics), extractor=spec,
+                      weights=spec.resolve_weights(weights, progress), device=device, cache_dir=cache, seed=seed,
+                      progress=progress)
+    values = generation_metrics(request, backend)
+    extra_all = {"backend": backend, "n_real": real_set.count, "standard_extractor": spec.standard,
+                 "fake_size": f"{fake_set.size[0]}x{fake_set.size[1]}",
+                 "real_size": f"{real_set.size[0]}x{real_set.size[1]}"}
+    records = []
+    for flag in metrics:
+        for metric in FLAG_METRICS[flag]:
+            if metric not in values:
+                continue
+            better, spread = GENERATION_METRICS[metric]
+            extra = dict(extra_all)
+            if spread and spread in values:
+                extra["std"] = values[spread]
+            if metric == "kid":
+                extra["kid_subset_size"] = request.kid_subset_size
+            records.append(ResultRecord(
+                sweep=None, run=run.path.name if run else fake_set.folder.name, evaluator="fid", metric=metric,
+                value=values[metric], higher_is_better=better, n_samples=fake_set.count, dataset=dataset,
+                split=real_split, feature_extractor=spec.name, seed=run.config.seed if run else seed,
+                config_hash=config_hash(run.config) if run else None, extra=extra))
+    if run is not None:
+        write_records(run.path / EVAL_DIR / "fid.json", records)
+    return [r.as_dict() for r in records]
+
+
+def evaluate_all(run_dir: str | Path, data_name: str | None = None,
+                 generation: tuple[str, ...] = ("fid", "isc", "kid"), num: int | None = None,
+                 extractor: str | None = None, backend: str = "torch-fidelity", weights: str | None = None,
+                 split: str = "train", cache_dir: str | Path | None = None, device: str = "cpu",
+                 progress: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """One load and one feature pass for linear, few-shot and kNN, then FID (+IS/KID) of `num` samples.
+
+    `num` defaults to the number of reference images (the `split` of the run's data set), so both
+    sides of the Fréchet distance have the same count. Writes RUN/eval/{linear,fewshot,knn,fid}.json.
+    """
+    from mage_bench.data import create_dataset
+    from mage_bench.runs import load_run
+
+    run = load_run(run_dir, device)
+    data = run_data_config(run.config, data_name)
+    if num is None:
+        num = len(create_dataset(data, split, train_transform=False))
+    written = evaluate_run(run, list(EVALUATORS.names()), data_name=data_name, progress=progress, device=device)
+    written["fid"] = evaluate_generation(run, data.name, generation, num=num, extractor=extractor, backend=backend,
+                                         weights=weights, split=split, cache_dir=cache_dir, device=device,
+                                         seed=run.config.seed, progress=progress)
     return written

@@ -1,0 +1,260 @@
+"""FID/IS/KID/PR through torch-fidelity and clean-fid, the digits-cnn extractor, and their bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mage_bench.cli import main
+from mage_bench.config import DataConfig
+from mage_bench.errors import UserError
+from mage_bench.eval.extractors import (
+    DIGITS_CNN_FILE,
+    DIGITS_CNN_MIN_ACCURACY,
+    load_digits_cnn,
+    train_digits_cnn,
+)
+from mage_bench.eval.fid import frechet_distance
+from mage_bench.eval.generation import dataset_reference, scan_folder
+from mage_bench.eval.runner import evaluate_generation
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """torch-fidelity's Inception-v3 with random weights the test makes (meaningless values, real code path).
+
+    The constructor would download the official weights; loading is skipped while it is built, then
+    every convolution gets Kaiming init (PyTorch's default init makes the 2048-d features vanish).
+    """
+    import torch_fidelity.feature_extractor_inceptionv3 as module
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "load_state_dict_from_url", lambda *a, **k: {})
+        patch.setattr(module.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        net = module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.manual_seed(0)
+    for layer in net.modules():
+        if isinstance(layer, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_cnn(tmp_path_factory):
+    out = tmp_path_factory.mktemp("models") / "digits-cnn"
+    card = train_digits_cnn(out, seed=0)
+    return out / DIGITS_CNN_FILE, card
+
+
+def _folder(path, images, mode="RGB"):
+    path.mkdir(parents=True, exist_ok=True)
+    for i, array in enumerate(images):
+        image = Image.fromarray(array)
+        image.convert(mode).save(path / f"{i:04d}.png")
+    return path
+
+
+def _smooth_images(n, size, seed):
+    """Images with large smooth structure, so random Inception features differ between them."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(n, 4, 4, 3), dtype=np.uint8)
+    return [np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR)) for a in small]
+
+
+@pytest.fixture(scope="session")
+def image_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    a = _folder(root / "a", _smooth_images(12, 32, seed=1))
+    b = _folder(root / "b", _smooth_images(12, 32, seed=2))
+    return a, b
+
+
+@pytest.fixture(scope="session")
+def digits_folders(tmp_path_factory):
+    """The digits test split as PNG files (the reference is the train split)."""
+    cache = tmp_path_factory.mktemp("cache")
+    test = dataset_reference(DataConfig(), "test", cache).folder
+    return test, cache
+
+
+# --------------------------------------------------------------------------------------------
+# Inception through both backends (test-made weights)
+
+
+@pytest.mark.parametrize("backend", ["torch-fidelity", "clean-fid"])
+def test_inception_fid_end_to_end_on_folders(backend, image_folders, inception_weights, tmp_path):
+    a, b = image_folders
+    common = dict(extractor="inception-v3", backend=backend, weights=str(inception_weights), cache_dir=tmp_path)
+    same = evaluate_generation(a, str(a), **common)
+    other = evaluate_generation(a, str(b), **common)
+    assert same[0]["metric"] == "fid" and same[0]["feature_extractor"] == "inception-v3"
+    assert same[0]["standard_extractor"] is True and same[0]["backend"] == backend
+    assert abs(same[0]["value"]) < 1e-2 * other[0]["value"]
+    assert other[0]["value"] > 0 and same[0]["n_samples"] == 12 and same[0]["n_real"] == 12
+
+
+def test_torch_fidelity_inception_computes_is_kid_and_prc(image_folders, inception_weights, tmp_path):
+    a, b = image_folders
+    records = evaluate_generation(a, str(b), metrics=("fid", "isc", "kid", "prc"), extractor="inception-v3",
+                                  weights=str(inception_weights), cache_dir=tmp_path)
+    by_metric = {r["metric"]: r for r in records}
+    assert set(by_metric) == {"fid", "is", "kid", "precision", "recall"}
+    assert by_metric["is"]["value"] >= 1.0 and "std" in by_metric["is"]
+    assert by_metric["kid"]["kid_subset_size"] == 12  # fewer images than KID's default 1000: documented clamp
+    assert 0.0 <= by_metric["precision"]["value"] <= 1.0
+
+
+def test_missing_inception_weights_is_one_line(image_folders, tmp_path, capsys):
+    a, _ = image_folders
+    code = main(["eval", "fid", "--real", str(a), "--fake", str(a), "--weights", str(tmp_path / "absent.pth"),
+                 "--cache", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--weights" in err and err.count("\n") == 1
+
+
+def test_unsafe_inception_weights_are_refused(image_folders, tmp_path, capsys):
+    a, _ = image_folders
+    bad = tmp_path / "pickled.pth"
+    torch.save({"not": object()}, bad)  # needs weights_only=False to load: never executed
+    code = main(["eval", "fid", "--real", str(a), "--fake", str(a), "--weights", str(bad), "--cache", str(tmp_path)])
+    assert code == 2 and "not a safe Inception state_dict" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# digits-cnn
+
+
+def test_digits_cnn_is_accurate_and_seeded(digits_cnn):
+    weights, card = digits_cnn
+    assert card["test_accuracy"] >= DIGITS_CNN_MIN_ACCURACY and card["seed"] == 0
+    assert (weights.parent / "card.json").is_file()
+    saved = json.loads((weights.parent / "card.json").read_text())
+    assert saved["sha256"] == card["sha256"]
+    net = load_digits_cnn(weights)
+    features, logits = net(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+    assert features.shape == (2, 64) and logits.shape == (2, 10)
+
+
+@pytest.mark.parametrize("backend", ["torch-fidelity", "clean-fid"])
+def test_digits_cnn_fd_agrees_with_our_frechet_on_its_features(backend, digits_cnn, digits_folders):
+    weights, _ = digits_cnn
+    test_folder, cache = digits_folders
+    records = evaluate_generation(test_folder, "digits", metrics=("fid", "kid"), extractor="digits-cnn",
+                                  weights=str(weights), backend=backend, cache_dir=cache)
+    fd = next(r for r in records if r["metric"] == "fid")
+    assert fd["feature_extractor"] == "digits-cnn" and fd["standard_extractor"] is False
+    assert fd["n_samples"] == 360 and fd["n_real"] == 1437 and fd["split"] == "train"
+
+    def features(folder):
+        net = load_digits_cnn(weights)
+        files = sorted(folder.glob("*.png"))
+        images = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
+                              for f in files])
+        with torch.no_grad():
+            return net(images)[0].double().numpy()
+
+    real_folder = dataset_reference(DataConfig(), "train", cache).folder
+    expected = frechet_distance(features(test_folder), features(real_folder))
+    assert fd["value"] == pytest.approx(expected, rel=1e-4)  # float32 features, different sqrtm
+    assert 0 < fd["value"] < 5  # held-out real digits are close to the reference
+
+
+def test_reference_statistics_are_cached_and_reused(digits_cnn, digits_folders, monkeypatch):
+    weights, _ = digits_cnn
+    test_folder, cache = digits_folders
+    evaluate_generation(test_folder, "digits", extractor="digits-cnn", weights=str(weights), cache_dir=cache)
+    entries = sorted(p.name for p in (cache / "torch-fidelity").iterdir())
+    assert any(name.startswith("mage-bench-ref-") for name in entries)
+    # Second call: the reference folder must not be read again (only the fake side is).
+    import torch_fidelity.datasets as datasets
+
+    read = []
+    original = datasets.ImagesPathDataset.__getitem__
+    monkeypatch.setattr(datasets.ImagesPathDataset, "__getitem__",
+                        lambda self, i: read.append(self.files[i]) or original(self, i))
+    again = evaluate_generation(test_folder, "digits", extractor="digits-cnn", weights=str(weights), cache_dir=cache)
+    assert read and all(str(test_folder) in f for f in read)
+    assert again[0]["value"] > 0
+
+
+def test_grayscale_and_rgba_images_are_converted_to_rgb(digits_cnn, digits_folders, tmp_path):
+    weights, _ = digits_cnn
+    test_folder, cache = digits_folders
+    images = [np.array(Image.open(f)) for f in sorted(test_folder.glob("*.png"))[:60]]
+    rgb = _folder(tmp_path / "rgb", images)
+    grey = _folder(tmp_path / "grey", images, mode="L")  # digits are grey already: same pixels
+    rgba = _folder(tmp_path / "rgba", images, mode="RGBA")
+    values = [evaluate_generation(folder, "digits", extractor="digits-cnn", weights=str(weights),
+                                  cache_dir=cache)[0]["value"] for folder in (rgb, grey, rgba)]
+    assert values[0] == pytest.approx(values[1], rel=1e-6) and values[0] == pytest.approx(values[2], rel=1e-6)
+
+
+def test_eval_fid_cli_on_a_run_writes_records(tmp_path, tiny_run_layer, digits_cnn, digits_folders, capsys):
+    from mage_bench.config import RunConfig, resolve_config
+    from mage_bench.train import train
+
+    weights, _ = digits_cnn
+    _, cache = digits_folders
+    train(resolve_config(RunConfig, tiny_run_layer), tmp_path / "run", progress=False)
+    code = main(["eval", "fid", "--real", "digits", "--fake", str(tmp_path / "run"), "--num", "24", "--isc",
+                 "--kid", "--prc", "--weights", str(weights), "--cache", str(cache), "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    records = json.loads(out)
+    assert {r["metric"] for r in records} == {"fid", "is", "kid", "precision", "recall"}
+    assert all(r["feature_extractor"] == "digits-cnn" and r["n_samples"] == 24 for r in records)
+    assert json.loads((tmp_path / "run" / "eval" / "fid.json").read_text()) == records
+    assert len(list((tmp_path / "run" / "samples").glob("0*.png"))) == 24
+    # Human output never calls digits-cnn numbers FID or IS.
+    assert main(["eval", "fid", "--real", "digits", "--fake", str(tmp_path / "run"), "--num", "24", "--isc",
+                 "--weights", str(weights), "--cache", str(cache)]) == 0
+    human = capsys.readouterr().out
+    assert "FD (digits-cnn)" in human and "IS (digits-cnn)" in human and "FID" not in human
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_mixed_sizes_and_empty_folders_are_one_line_errors(tmp_path, capsys):
+    mixed = tmp_path / "mixed"
+    _folder(mixed, _smooth_images(2, 16, seed=0))
+    Image.fromarray(_smooth_images(1, 32, seed=1)[0]).save(mixed / "zz.png")
+    (tmp_path / "empty").mkdir()
+    for fake, message in [(mixed, "mixes image sizes"), (tmp_path / "empty", "holds no images"),
+                          (tmp_path / "absent", "is not a folder")]:
+        code = main(["eval", "fid", "--real", "digits", "--fake", str(fake), "--cache", str(tmp_path / "c")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_unreadable_image_and_bad_choices(tmp_path, capsys):
+    broken = _folder(tmp_path / "broken", _smooth_images(2, 16, seed=0))
+    (broken / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="not a readable image"):
+        scan_folder(broken)
+    for argv, message in [(["--backend", "clean-fids"], "did you mean"), (["--extractor", "vgg"], "feature extractor"),
+                          (["--backend", "clean-fid", "--isc"], "clean-fid computes fid, kid only")]:
+        good = _folder(tmp_path / "good", _smooth_images(3, 16, seed=0))
+        code = main(["eval", "fid", "--real", str(good), "--fake", str(good), "--cache", str(tmp_path / "c"), *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_nan_features_are_one_line_errors(digits_cnn, digits_folders, tmp_path, capsys):
+    weights, _ = digits_cnn
+    test_folder, cache = digits_folders
+    state = torch.load(weights, weights_only=True)
+    state["model"]["penultimate.bias"][:] = float("nan")
+    broken = tmp_path / "nan.pt"
+    torch.save(state, broken)
+    code = main(["eval", "fid", "--real", "digits", "--fake", str(test_folder), "--extractor", "digits-cnn",
+                 "--weights", str(broken), "--cache", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code == 2 and "NaN" in err and err.count("\n") == 1, err
