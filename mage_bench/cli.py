@@ -180,12 +180,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"`mage-bench eval {args.evaluator}` needs --run RUN_DIR")
     from mage_bench.eval.runner import evaluate_run
 
+    name, options = args.evaluator, {}
+    if args.protocol == "mae":
+        if args.evaluator != "linear":
+            raise UserError("--protocol mae applies to `eval linear` only")
+        name = "linear-mae"
+        options = {name: {k: v for k, v in (("epochs", args.probe_epochs), ("batch_size", args.probe_batch_size),
+                                             ("blr", args.probe_blr)) if v is not None}}
+        options[name]["device"] = _device(args.device)
     # The run's own data settings (image size, split) apply; --data only swaps the data set.
-    written = evaluate_run(args.run, [args.evaluator], data_name=args.data, progress=_progress_enabled(args),
-                           device=_device(args.device))
-    records = written[args.evaluator]
+    written = evaluate_run(args.run, [name], data_name=args.data, progress=_progress_enabled(args),
+                           device=_device(args.device), options=options)
+    records = written[name]
     lines = [_record_line(r) for r in records]
-    _emit(args, records, "\n".join(lines) + f"\nrecords: {args.run}/eval/{args.evaluator}.json")
+    _emit(args, records, "\n".join(lines) + f"\nrecords: {args.run}/eval/{name}.json")
     return 0
 
 
@@ -278,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="cache for reference images and statistics (default ~/.cache/mage-bench, "
                                    "or $MAGE_BENCH_CACHE)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--protocol", default="logreg", choices=["logreg", "mae"],
+                   help="linear: logreg (default: logistic regression, C chosen on held-out data) | mae (the "
+                        "paper's BatchNorm + linear head with LARS, 90 epochs, batch 4096, blr 0.1; for GPUs)")
+    p.add_argument("--probe-epochs", type=int, help="--protocol mae: epochs (default 90)")
+    p.add_argument("--probe-batch-size", type=int, help="--protocol mae: batch size (default 4096)")
+    p.add_argument("--probe-blr", type=float, help="--protocol mae: base lr, lr = blr * batch / 256 (default 0.1)")
     p.add_argument("--isc", action="store_true", help="also the Inception Score")
     p.add_argument("--kid", action="store_true", help="also KID")
     p.add_argument("--prc", action="store_true", help="also precision and recall")

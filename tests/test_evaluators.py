@@ -6,7 +6,7 @@ from mage_bench.errors import UserError
 from mage_bench.eval.fewshot import few_shot
 from mage_bench.eval.fid import feature_statistics, frechet_distance
 from mage_bench.eval.knn import knn_classify, retrieval_metrics
-from mage_bench.eval.linear import linear_probe
+from mage_bench.eval.linear import _lars_step, linear_probe, linear_probe_mae
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +148,22 @@ def test_retrieval_with_classes_missing_on_either_side(digits):
     expected, queries = _brute_force_map_at_r(train_x[db], train_y[db], test_x[q][:30], test_y[q][:30])
     assert result["queries"] == queries < 30
     assert result["map_at_r"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_mae_protocol_probe_learns_raw_pixels_and_is_seeded(digits):
+    train_x, test_x, train_y, test_y = digits
+    # Digits have 1,437 training images: ImageNet's 90 epochs of batch 4096 would be 90 steps, so the
+    # test gives LARS (whose steps are ~lr * 1e-3 of the weight norm) the step count it needs.
+    options = dict(epochs=90, batch_size=256, blr=10.0)
+    result = linear_probe_mae(train_x, train_y, test_x, test_y, **options)
+    assert result["top1"] >= 0.93 and result["lr"] == pytest.approx(10.0)
+    assert linear_probe_mae(train_x, train_y, test_x, test_y, **options) == result
+
+
+def test_lars_step_follows_the_trust_ratio():
+    weight = torch.nn.Parameter(torch.full((2, 2), 2.0))  # norm 4
+    bias = torch.nn.Parameter(torch.zeros(2))
+    weight.grad, bias.grad = torch.full((2, 2), 0.5), torch.ones(2)  # update norm 1
+    _lars_step([weight, bias], lr=1.0, momentum=0.9, weight_decay=0.0, trust=0.001, buffers={})
+    assert torch.allclose(weight, torch.full((2, 2), 2.0 - 0.001 * 4 * 0.5))  # scaled by 0.001 * 4 / 1
+    assert torch.allclose(bias, -torch.ones(2))  # vectors: plain momentum SGD step

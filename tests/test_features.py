@@ -66,7 +66,8 @@ def test_cli_eval_knn_linear_fewshot_write_records(run, capsys):
         assert printed == stored and all(r["feature_extractor"] == "mage-probe" for r in stored)
         assert all(r["n_samples"] == 360 and r["split"] == "test" for r in stored)
     knn = read_records(run / "eval" / "knn.json")
-    assert sorted({r["k"] for r in knn}) == [10, 20, 100, 200]
+    assert sorted({r["k"] for r in knn if r["metric"] in ("top1", "top5")}) == [10, 20, 100, 200]
+    assert {"map_at_r", "precision_at_10"} <= {r["metric"] for r in knn}
     fewshot = read_records(run / "eval" / "fewshot.json")
     assert sorted(r["shots"] for r in fewshot) == [1, 2, 5, 10] and all("ci_low" in r for r in fewshot)
     # One feature pass: the second and third evaluators reused the cached features.
@@ -84,3 +85,16 @@ def test_eval_uses_the_runs_data_settings(run):
     assert run_data_config(config, "imagefolder:/x").image_size == 16
     with pytest.raises(UserError, match="is not a trained run"):
         load_run(run / "nope")
+
+
+def test_cli_eval_linear_mae_protocol(run, capsys):
+    from mage_bench.cli import main
+
+    code = main(["eval", "linear", "--run", str(run), "--protocol", "mae", "--probe-epochs", "3",
+                 "--probe-batch-size", "512", "--device", "cpu", "--json"])
+    records = json.loads(capsys.readouterr().out)
+    assert code == 0 and {r["metric"] for r in records} == {"top1", "top5"}
+    assert all(r["evaluator"] == "linear-mae" and r["protocol"] == "mae" and r["epochs"] == 3 for r in records)
+    assert read_records(run / "eval" / "linear-mae.json") == records
+    assert main(["eval", "knn", "--run", str(run), "--protocol", "mae"]) == 2
+    assert "applies to `eval linear` only" in capsys.readouterr().err

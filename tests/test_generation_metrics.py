@@ -258,3 +258,27 @@ def test_nan_features_are_one_line_errors(digits_cnn, digits_folders, tmp_path, 
                  "--weights", str(broken), "--cache", str(tmp_path / "c")])
     err = capsys.readouterr().err
     assert code == 2 and "NaN" in err and err.count("\n") == 1, err
+
+
+def test_eval_all_writes_every_record_from_one_feature_pass(tmp_path, tiny_run_layer, digits_cnn, digits_folders,
+                                                            capsys):
+    from mage_bench.config import RunConfig, resolve_config
+    from mage_bench.results import REQUIRED, read_records
+    from mage_bench.train import train
+
+    weights, _ = digits_cnn
+    _, cache = digits_folders
+    run = tmp_path / "run"
+    train(resolve_config(RunConfig, tiny_run_layer), run, progress=False)
+    code = main(["eval", "all", "--run", str(run), "--num", "40", "--weights", str(weights), "--cache", str(cache),
+                 "--json"])
+    written = json.loads(capsys.readouterr().out)
+    assert code == 0 and set(written) == {"linear", "fewshot", "knn", "fid"}
+    for name in written:
+        records = read_records(run / "eval" / f"{name}.json")
+        assert records == written[name] and all(set(REQUIRED) <= set(r) for r in records)
+    assert {r["metric"] for r in written["fid"]} == {"fid", "is", "kid"}
+    assert {r["metric"] for r in written["knn"]} >= {"top1", "top5", "map_at_r", "precision_at_10"}
+    assert all(r["feature_extractor"] == "mage-probe" for r in written["linear"])
+    # One feature pass: one cached array per split, shared by linear, few-shot and kNN.
+    assert len(list((run / "eval" / "cache").glob("features-*.labels.npy"))) == 2

@@ -18,8 +18,9 @@ from mage_bench.errors import UserError
 from mage_bench.registry import Registry
 
 Row = tuple[str, float, bool, dict[str, Any]]
-Evaluator = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int], list[Row]]
+Evaluator = Callable[..., list[Row]]  # (train_x, train_y, test_x, test_y, seed, **options) -> rows
 EVALUATORS: Registry[Evaluator] = Registry("evaluator")
+EVAL_ALL = ("linear", "fewshot", "knn")  # `eval all`; linear-mae (the paper's LARS probe) is asked for by name
 KNN_KS = (10, 20, 100, 200)
 FEATURE_EXTRACTOR = "mage-probe"  # the run's own encoder, official probe feature
 
@@ -30,6 +31,15 @@ def _linear(train_x, train_y, test_x, test_y, seed: int) -> list[Row]:
 
     r = linear_probe(train_x, train_y, test_x, test_y, seed=seed)
     extra = {"C": r["C"], "val_top1": r["val_top1"]}
+    return [("top1", r["top1"], True, extra), ("top5", r["top5"], True, extra)]
+
+
+@EVALUATORS.register("linear-mae")
+def _linear_mae(train_x, train_y, test_x, test_y, seed: int, device: str = "cpu", **options) -> list[Row]:
+    from mage_bench.eval.linear import linear_probe_mae
+
+    r = linear_probe_mae(train_x, train_y, test_x, test_y, seed=seed, device=device, **options)
+    extra = {"protocol": "mae", "lr": r["lr"], "epochs": r["epochs"], "batch_size": r["batch_size"]}
     return [("top1", r["top1"], True, extra), ("top5", r["top5"], True, extra)]
 
 
@@ -68,7 +78,8 @@ def run_data_config(config: Any, name: str | None = None) -> DataConfig:
 
 
 def evaluate_run(run_dir: str | Path | Any, names: list[str], data_name: str | None = None, progress: bool = False,
-                 device: str = "cpu") -> dict[str, list[dict[str, Any]]]:
+                 device: str = "cpu", options: dict[str, dict[str, Any]] | None = None
+                 ) -> dict[str, list[dict[str, Any]]]:
     """Run the named evaluators on the run's cached features; write and return their records.
 
     The run is loaded once; its own data settings apply, `data_name` only swaps the data set.
@@ -89,7 +100,7 @@ def evaluate_run(run_dir: str | Path | Any, names: list[str], data_name: str | N
                                 split="test", feature_extractor=FEATURE_EXTRACTOR, seed=config.seed,
                                 config_hash=config_hash(config), extra=extra)
                    for metric, value, better, extra in evaluate(np.asarray(train_x), train_y, np.asarray(test_x),
-                                                                test_y, config.seed)]
+                                                                test_y, config.seed, **(options or {}).get(name, {}))]
         write_records(run.path / EVAL_DIR / f"{name}.json", records)
         written[name] = [r.as_dict() for r in records]
     return written
@@ -215,7 +226,7 @@ def evaluate_all(run_dir: str | Path, data_name: str | None = None,
     data = run_data_config(run.config, data_name)
     if num is None:
         num = len(create_dataset(data, split, train_transform=False))
-    written = evaluate_run(run, list(EVALUATORS.names()), data_name=data_name, progress=progress, device=device)
+    written = evaluate_run(run, list(EVAL_ALL), data_name=data_name, progress=progress, device=device)
     written["fid"] = evaluate_generation(run, data.name, generation, num=num, extractor=extractor, backend=backend,
                                          weights=weights, split=split, cache_dir=cache_dir, device=device,
                                          seed=run.config.seed, progress=progress)
