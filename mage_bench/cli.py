@@ -197,7 +197,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_eval(args: argparse.Namespace) -> int:
+    from mage_bench import bench_eval
+
+    if args.what in ("eval", "fid") and not args.run:
+        raise UserError(f"`mage-bench bench {args.what}` needs --run RUN_DIR (a trained digits run)")
+    device = _device(args.device)
+    if args.what == "knn":
+        result = bench_eval.bench_knn()
+    elif args.what == "eval":
+        result = bench_eval.bench_eval_all(args.run, device=device)
+    else:
+        result = bench_eval.bench_fid_cache(args.run, device=device)
+    _emit(args, result, "\n".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}"
+                                   for k, v in result.items()))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what != "train":
+        return cmd_bench_eval(args)
     from mage_bench.bench import bench_train, format_table
     from mage_bench.config import MODEL_PRESETS
 
@@ -319,7 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("bench", help="benchmarks: training throughput, FLOPs per step, MFU")
-    p.add_argument("what", choices=["train"])
+    p.add_argument("what", choices=["train", "knn", "eval", "fid"],
+                   help="train: throughput/MFU; knn: faiss vs scikit-learn (50k x 768, 10k queries); eval: eval "
+                        "all vs one feature pass (--run); fid: cached reference, first vs second call (--run)")
+    p.add_argument("--run", help="run folder for `bench eval` and `bench fid`")
     p.add_argument("--models", nargs="+", default=["mage_tiny", "mage_small"])
     p.add_argument("--batch-size", type=int, default=128), p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

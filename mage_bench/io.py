@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -109,8 +110,12 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}; is it a torch checkpoint?") from None
 
 
+@functools.lru_cache(maxsize=8)
 def git_commit(path: str | os.PathLike | None = None) -> str | None:
-    """The commit of the checkout holding the package (with '-dirty' when modified), or None."""
+    """The commit of the checkout holding the package (with '-dirty' when modified), or None.
+
+    Asked once per process: the code that runs is the code imported at start, and every result
+    record would otherwise pay two git subprocesses."""
     where = Path(path) if path else Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
@@ -126,12 +131,18 @@ def git_commit(path: str | os.PathLike | None = None) -> str | None:
 
 
 def package_versions() -> dict[str, str]:
-    """Versions of the packages whose behaviour changes our numbers."""
+    """Versions of the packages whose behaviour changes our numbers (a fresh dict each call)."""
+    return dict(_package_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _package_versions() -> dict[str, str]:
     import platform
     from importlib import metadata
 
     versions = {"python": platform.python_version()}
-    for name in ("mage-bench", "torch", "torchvision", "numpy", "scipy", "scikit-learn"):
+    for name in ("mage-bench", "torch", "torchvision", "numpy", "scipy", "scikit-learn", "torch-fidelity",
+                 "clean-fid", "faiss-cpu", "faiss-gpu"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
     return versions

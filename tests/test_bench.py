@@ -19,3 +19,11 @@ def test_counted_flops_agree_with_the_formula(tiny_model_overrides):
 
 def test_matmul_peak_is_positive():
     assert matmul_peak(torch.device("cpu"), torch.float32, sizes=(64,), repeats=1) > 0
+
+
+def test_bench_knn_compares_the_same_search_on_small_sizes():
+    from mage_bench.bench_eval import bench_knn
+
+    result = bench_knn(n_database=600, n_queries=40, dim=16, k=5)
+    assert result["same_neighbours"] == 1.0  # faiss and scikit-learn found the same neighbours
+    assert result["floor_s"] > 0 and result["faiss_s"] > 0 and result["speedup"] > 0

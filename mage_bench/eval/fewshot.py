@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from mage_bench.errors import UserError
-from mage_bench.eval import check_features, l2_normalise
+from mage_bench.eval import blas_threads_for, check_features, l2_normalise
 
 
 def draw_support(labels: np.ndarray, shots: int, seed: int, draw: int) -> np.ndarray:
@@ -28,15 +28,20 @@ def draw_support(labels: np.ndarray, shots: int, seed: int, draw: int) -> np.nda
 def few_shot(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
              shots: tuple[int, ...] = (1, 2, 5, 10), draws: int = 5, seed: int = 0) -> dict[int, dict[str, float]]:
     """{k: {"mean", "std", "ci_low", "ci_high", "draws", "accuracies"}} of top-1 accuracy."""
-    from scipy import stats
-    from sklearn.linear_model import LogisticRegression
-
     if draws < 2:
         raise UserError(f"fewshot: needs at least 2 draws for a spread, got {draws}")
 
     train_x = l2_normalise(check_features("fewshot", train_x, train_y))
     test_x = l2_normalise(check_features("fewshot", test_x, test_y))
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+    with blas_threads_for(len(test_x), test_x.shape[1], len(np.unique(train_y))):
+        return _draws(train_x, train_y, test_x, test_y, shots, draws, seed)
+
+
+def _draws(train_x, train_y, test_x, test_y, shots, draws, seed) -> dict[int, dict[str, float]]:
+    from scipy import stats
+    from sklearn.linear_model import LogisticRegression
+
     results: dict[int, dict[str, float]] = {}
     for k in shots:
         accuracies = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from mage_bench.errors import UserError
-from mage_bench.eval import check_features
+from mage_bench.eval import blas_threads_for, check_features
 
 KEY_TOP1, KEY_TOP5 = "top1", "top5"
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -34,15 +34,20 @@ def _topk(model, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                  seed: int = 0, c_grid: tuple[float, ...] = C_GRID) -> dict[str, float]:
     """{"top1", "top5", "C", "val_top1"} of a logistic-regression probe."""
-    from sklearn.model_selection import train_test_split
-    from sklearn.preprocessing import StandardScaler
-
     train_x = check_features("linear", train_x, train_y, min_rows=2)
     test_x = check_features("linear", test_x, test_y)
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     counts = np.bincount(train_y)
     if (counts[counts > 0] < 2).any():
         raise UserError("linear: every class needs at least 2 training images (one is held out to choose C)")
+    with blas_threads_for(*train_x.shape, len(counts)):
+        return _select_and_fit(train_x, train_y, test_x, test_y, seed, c_grid)
+
+
+def _select_and_fit(train_x, train_y, test_x, test_y, seed, c_grid) -> dict[str, float]:
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
     fit_x, val_x, fit_y, val_y = train_test_split(train_x, train_y, test_size=0.2, stratify=train_y,
                                                   random_state=seed)
     scaler = StandardScaler().fit(fit_x)

@@ -78,11 +78,12 @@ def run_data_config(config: Any, name: str | None = None) -> DataConfig:
 
 
 def evaluate_run(run_dir: str | Path | Any, names: list[str], data_name: str | None = None, progress: bool = False,
-                 device: str = "cpu", options: dict[str, dict[str, Any]] | None = None
-                 ) -> dict[str, list[dict[str, Any]]]:
+                 device: str = "cpu", options: dict[str, dict[str, Any]] | None = None,
+                 cache_dir: str | Path | None = None) -> dict[str, list[dict[str, Any]]]:
     """Run the named evaluators on the run's cached features; write and return their records.
 
     The run is loaded once; its own data settings apply, `data_name` only swaps the data set.
+    Features are cached under RUN/eval/cache unless `cache_dir` says otherwise.
     """
     from mage_bench.eval.features import extract_features
     from mage_bench.results import ResultRecord, config_hash, write_records
@@ -91,8 +92,8 @@ def evaluate_run(run_dir: str | Path | Any, names: list[str], data_name: str | N
     evaluators = {name: EVALUATORS.get(name) for name in names}  # typos fail before any work
     run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, device)
     config, data = run.config, run_data_config(run.config, data_name)
-    train_x, train_y, _ = extract_features(run, data, "train", device=device, progress=progress)
-    test_x, test_y, _ = extract_features(run, data, "test", device=device, progress=progress)
+    train_x, train_y, _ = extract_features(run, data, "train", device=device, cache_dir=cache_dir, progress=progress)
+    test_x, test_y, _ = extract_features(run, data, "test", device=device, cache_dir=cache_dir, progress=progress)
     written = {}
     for name, evaluate in evaluators.items():
         records = [ResultRecord(sweep=None, run=run.path.name, evaluator=name, metric=metric, value=float(value),
