@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mage_bench import __version__
-from mage_bench.errors import NotImplementedYet, UserError
+from mage_bench.errors import UserError
 
 EXAMPLES = """\
 examples:
@@ -23,13 +23,6 @@ examples:
   mage-bench import vqgan_jax_strongaug.ckpt --kind vqgan --out models/vqgan-official
   mage-bench sweep masking --preset tiny
 """
-
-# Where each contract command's implementation is tracked until it lands.
-PENDING = {
-    "sweep": "the sweeps and reports issue",
-    "report": "the sweeps and reports issue",
-}
-
 
 def _progress_enabled(args: argparse.Namespace) -> bool:
     return not getattr(args, "quiet", False) and sys.stderr.isatty()
@@ -46,9 +39,10 @@ def _emit(args: argparse.Namespace, document: Any, human: str) -> None:
 # Commands
 
 
-def cmd_not_implemented(args: argparse.Namespace) -> int:
-    raise NotImplementedYet(f"`mage-bench {args.command}` is not implemented yet (tracked in {PENDING[args.command]}); "
-                            "nothing was run")
+def resolve_device(name: str) -> str:
+    from mage_bench.runs import resolve_device as resolve
+
+    return resolve(name)
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
@@ -115,16 +109,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible")
-    return name
-
-
 def _generation_flags(args: argparse.Namespace) -> tuple[str, ...]:
     return ("fid",) + tuple(flag for flag in ("isc", "kid", "prc") if getattr(args, flag))
 
@@ -148,7 +132,7 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
         raise UserError("`mage-bench eval fid` needs --real DIR|DATASET and --fake DIR|RUN_DIR")
     records = evaluate_generation(args.fake, args.real, _generation_flags(args), num=args.num,
                                   extractor=args.extractor, backend=args.backend, weights=args.weights,
-                                  split=args.real_split, cache_dir=args.cache, device=_device(args.device),
+                                  split=args.real_split, cache_dir=args.cache, device=resolve_device(args.device),
                                   progress=_progress_enabled(args))
     human = "\n".join(_record_line(r) for r in records)
     human += f"\n({records[0]['n_samples']} generated vs {records[0]['n_real']} real images, " \
@@ -164,7 +148,7 @@ def cmd_eval_all(args: argparse.Namespace) -> int:
         raise UserError("`mage-bench eval all` needs --run RUN_DIR")
     written = evaluate_all(args.run, data_name=args.data, generation=_generation_flags(args) + ("isc", "kid"),
                            num=args.num, extractor=args.extractor, backend=args.backend, weights=args.weights,
-                           split=args.real_split, cache_dir=args.cache, device=_device(args.device),
+                           split=args.real_split, cache_dir=args.cache, device=resolve_device(args.device),
                            progress=_progress_enabled(args))
     lines = [_record_line(r) for records in written.values() for r in records]
     _emit(args, written, "\n".join(lines) + f"\nrecords: {args.run}/eval/{{{','.join(written)}}}.json")
@@ -187,10 +171,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         name = "linear-mae"
         options = {name: {k: v for k, v in (("epochs", args.probe_epochs), ("batch_size", args.probe_batch_size),
                                              ("blr", args.probe_blr)) if v is not None}}
-        options[name]["device"] = _device(args.device)
+        options[name]["device"] = resolve_device(args.device)
     # The run's own data settings (image size, split) apply; --data only swaps the data set.
     written = evaluate_run(args.run, [name], data_name=args.data, progress=_progress_enabled(args),
-                           device=_device(args.device), options=options)
+                           device=resolve_device(args.device), options=options)
     records = written[name]
     lines = [_record_line(r) for r in records]
     _emit(args, records, "\n".join(lines) + f"\nrecords: {args.run}/eval/{name}.json")
@@ -202,7 +186,7 @@ def cmd_bench_eval(args: argparse.Namespace) -> int:
 
     if args.what in ("eval", "fid") and not args.run:
         raise UserError(f"`mage-bench bench {args.what}` needs --run RUN_DIR (a trained digits run)")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     if args.what == "knn":
         result = bench_eval.bench_knn()
     elif args.what == "eval":
@@ -233,7 +217,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    return cmd_not_implemented(args)
+    from mage_bench.sweep import run_sweep
+
+    summary = run_sweep(args.spec, preset=args.preset, executor=args.executor, runs_dir=args.runs,
+                        report_dir=args.out, dry_run=args.dry_run, progress=_progress_enabled(args))
+    if args.dry_run:
+        _emit(args, summary, summary["table"])
+        return 0
+    t = summary["timings"]
+    breakdown = ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in t.items())
+    human = (f"sweep {summary['sweep']}: {summary['runs'] - summary['failed']}/{summary['runs']} runs done in "
+             f"{summary['total_s']:.0f} s ({breakdown})\nreport: {summary['report']}")
+    if summary["failed"]:
+        human += "\nfailed runs:\n" + "\n".join(f"  {run}: {error}" for run, error in summary["errors"].items())
+    _emit(args, summary, human)
+    if summary["failed"]:
+        print(f"mage-bench: {summary['failed']} of {summary['runs']} runs failed (see the report)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mage_bench.report import build_report
+
+    if not args.out:
+        raise UserError("`mage-bench report` needs --out REPORT_DIR")
+    index = build_report(args.runs, args.out)
+    _emit(args, {"report": str(index)}, f"report: {index}")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,17 +328,30 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("sweep", help="run a sweep spec and write its report (not implemented yet)")
+    p = sub.add_parser(
+        "sweep", help="run a sweep spec (train, evaluate every run) and write its report",
+        description="Expand a sweep spec into runs, train and evaluate each (DONE runs are skipped, interrupted "
+                    "ones resume), then write reports/<sweep>/. Exit 1 when some runs failed.",
+        epilog="examples:\n  mage-bench sweep masking                 (the tiny preset: ~10 min on 2 CPU cores)\n"
+               "  mage-bench sweep masking --preset digits --dry-run\n"
+               "  mage-bench sweep contrastive --preset cifar10 --executor slurm",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", help="masking | contrastive | PATH.yaml")
-    p.add_argument("--preset", default="tiny"), p.add_argument("--executor", default="local")
-    p.add_argument("--runs"), p.add_argument("--out"), p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--preset", help="tiny (default) | digits | cifar10 | paper, or one of the spec's own")
+    p.add_argument("--executor", help="local (default) | torchrun | slurm")
+    p.add_argument("--runs", help="run folders (default runs/<sweep>)")
+    p.add_argument("--out", help="report folder (default reports/<sweep>)")
+    p.add_argument("--dry-run", action="store_true", help="print the runs and what would execute; run nothing")
     _common(p)
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("report", help="collate run folders into CSV + HTML (not implemented yet)")
-    p.add_argument("runs", nargs="+"), p.add_argument("--out")
+    p = sub.add_parser("report", help="collate run folders into results.csv, summary.csv and index.html",
+                       epilog="example:\n  mage-bench report runs/masking --out reports/masking",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="a sweep's runs folder, run folders, or folders of runs")
+    p.add_argument("--out", help="report folder")
     _common(p)
-    p.set_defaults(func=cmd_not_implemented)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("import", help="import official checkpoints into models/NAME",
                        description="Import official weights strictly and safely (weights_only=True).")

@@ -44,3 +44,14 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     tokenizer = load_tokenizer(config.tokenizer)
     return LoadedRun(config, model.to(device).eval(), tokenizer.to(device).eval(), int(state["step"]),
                      sha256_file(checkpoint), run)
+
+
+def resolve_device(name: str) -> str:
+    """auto -> cuda when visible, else cpu; cuda without a GPU is a one-line error."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible")
+    return name

@@ -68,6 +68,8 @@ def generate_images(run_dir: str | Path | Any, num: int, out_dir: str | Path, st
     if previous is None and out.exists() and any(out.glob("*.png")):
         raise UserError(f"{out} already holds PNG files of unknown origin; choose an empty --out")
     out.mkdir(parents=True, exist_ok=True)
+    if previous is None:  # claim the folder first, so a run killed mid-way is recognised and refilled
+        atomic_write_json(out / MANIFEST, {**manifest, "num": 0, "created_at": utc_now()})
     todo = [i for i in range(num) if not (out / f"{i:06d}.png").exists()]
     bar = tqdm(total=num, initial=num - len(todo), desc="generate", unit="img", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)

@@ -461,3 +461,21 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, progress
         if log:
             log.close()
     return {"run": str(run), "step": step, "finished": step >= tcfg.steps, "train_time_s": round(elapsed, 1)}
+
+
+def save_initial_checkpoint(config: RunConfig, run_dir: str | Path) -> Path:
+    """The model as initialised by `config.seed`, saved as a run folder at step 0.
+
+    This is the "nothing learned" reference of a sweep: the same architecture, tokenizer and seed as
+    the trained runs, evaluated by the same evaluators. Written once; an existing one is kept.
+    """
+    run = Path(run_dir)
+    checkpoint_path = run / CHECKPOINT_FILE
+    if checkpoint_path.exists():
+        return checkpoint_path
+    config = resolve_run_config(config)
+    trainer = Trainer(config, setup_runtime(config))
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run / CONFIG_FILE, dump_yaml(config))
+    atomic_torch_save(trainer.state(0, 0.0), checkpoint_path)
+    return checkpoint_path

@@ -56,3 +56,13 @@ def tiny_run_layer(tiny_tokenizer_dir) -> dict:
 @pytest.fixture
 def tiny_model_overrides() -> dict:
     return dict(TINY_MODEL)
+
+
+@pytest.fixture(scope="session")
+def digits_cnn(tmp_path_factory):
+    """The digits-cnn feature extractor, trained once per test session: (weights file, card)."""
+    from mage_bench.eval.extractors import DIGITS_CNN_FILE, train_digits_cnn
+
+    out = tmp_path_factory.mktemp("models") / "digits-cnn"
+    card = train_digits_cnn(out, seed=0)
+    return out / DIGITS_CNN_FILE, card

@@ -13,10 +13,8 @@ from mage_bench.cli import main
 from mage_bench.config import DataConfig
 from mage_bench.errors import UserError
 from mage_bench.eval.extractors import (
-    DIGITS_CNN_FILE,
     DIGITS_CNN_MIN_ACCURACY,
     load_digits_cnn,
-    train_digits_cnn,
 )
 from mage_bench.eval.fid import frechet_distance
 from mage_bench.eval.generation import dataset_reference, scan_folder
@@ -43,13 +41,6 @@ def inception_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
     torch.save(net.state_dict(), path)
     return path
-
-
-@pytest.fixture(scope="session")
-def digits_cnn(tmp_path_factory):
-    out = tmp_path_factory.mktemp("models") / "digits-cnn"
-    card = train_digits_cnn(out, seed=0)
-    return out / DIGITS_CNN_FILE, card
 
 
 def _folder(path, images, mode="RGB"):

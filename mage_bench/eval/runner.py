@@ -79,7 +79,7 @@ def run_data_config(config: Any, name: str | None = None) -> DataConfig:
 
 def evaluate_run(run_dir: str | Path | Any, names: list[str], data_name: str | None = None, progress: bool = False,
                  device: str = "cpu", options: dict[str, dict[str, Any]] | None = None,
-                 cache_dir: str | Path | None = None) -> dict[str, list[dict[str, Any]]]:
+                 cache_dir: str | Path | None = None, sweep: str | None = None) -> dict[str, list[dict[str, Any]]]:
     """Run the named evaluators on the run's cached features; write and return their records.
 
     The run is loaded once; its own data settings apply, `data_name` only swaps the data set.
@@ -96,7 +96,7 @@ def evaluate_run(run_dir: str | Path | Any, names: list[str], data_name: str | N
     test_x, test_y, _ = extract_features(run, data, "test", device=device, cache_dir=cache_dir, progress=progress)
     written = {}
     for name, evaluate in evaluators.items():
-        records = [ResultRecord(sweep=None, run=run.path.name, evaluator=name, metric=metric, value=float(value),
+        records = [ResultRecord(sweep=sweep, run=run.path.name, evaluator=name, metric=metric, value=float(value),
                                 higher_is_better=better, n_samples=int(len(test_y)), dataset=data.name,
                                 split="test", feature_extractor=FEATURE_EXTRACTOR, seed=config.seed,
                                 config_hash=config_hash(config), extra=extra)
@@ -126,7 +126,7 @@ def default_extractor(real: str) -> str:
 def evaluate_generation(fake: str | Path | Any, real: str, metrics: tuple[str, ...] = ("fid",), num: int | None = None,
                         extractor: str | None = None, backend: str = "torch-fidelity", weights: str | None = None,
                         split: str = "train", cache_dir: str | Path | None = None, device: str = "cpu",
-                        seed: int = 0, progress: bool = False) -> list[dict[str, Any]]:
+                        seed: int = 0, progress: bool = False, sweep: str | None = None) -> list[dict[str, Any]]:
     """FID (+ IS/KID/PR) of `fake` (a folder, a run folder or a `LoadedRun`) against `real`; returns records.
 
     When `fake` is a run, `num` images are generated into RUN/samples and the records are written to
@@ -201,7 +201,7 @@ def evaluate_generation(fake: str | Path | Any, real: str, metrics: tuple[str, .
             if metric == "kid":
                 extra["kid_subset_size"] = request.kid_subset_size
             records.append(ResultRecord(
-                sweep=None, run=run.path.name if run else fake_set.folder.name, evaluator="fid", metric=metric,
+                sweep=sweep, run=run.path.name if run else fake_set.folder.name, evaluator="fid", metric=metric,
                 value=values[metric], higher_is_better=better, n_samples=fake_set.count, dataset=dataset,
                 split=real_split, feature_extractor=spec.name, seed=run.config.seed if run else seed,
                 config_hash=config_hash(run.config) if run else None, extra=extra))

@@ -1,0 +1,92 @@
+"""Executors: how a sweep's runs are carried out, on existing engines only (no home-made scheduler).
+
+- `local`: one run after another in this process.
+- `torchrun`: each run's training as a multi-process DDP job on this node (torch.distributed.run,
+  `executor.nproc_per_node` processes); generation and evaluation then run here.
+- `slurm`: each run a Slurm job through submitit (partition, GPUs, CPUs, memory, time from the spec's
+  `executor.slurm` or the CLI); `executor.slurm.cluster: local` runs the same path on this machine
+  with submitit's local executor (what the tests use).
+All of them call `execute_run`, which skips DONE runs and resumes interrupted ones.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from mage_bench.errors import UserError
+from mage_bench.registry import Registry
+
+Executor = Callable[[Any, list[Any]], list[dict[str, Any]]]  # (SweepContext, plans) -> outcomes
+EXECUTORS: Registry[Executor] = Registry("executor")
+
+
+def _bar(ctx: Any, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"sweep {ctx.spec.name}", unit="run", file=sys.stderr, disable=not ctx.progress,
+                position=0, dynamic_ncols=True)
+
+
+@EXECUTORS.register("local")
+def run_local(ctx: Any, plans: list[Any]) -> list[dict[str, Any]]:
+    from mage_bench.sweep import execute_run
+
+    outcomes = []
+    with _bar(ctx, len(plans)) as bar:
+        for plan in plans:
+            bar.set_postfix_str(plan.name)
+            outcomes.append(execute_run(plan, ctx.spec, ctx.runs_dir, ctx.device, progress=False))
+            bar.update(1)
+    return outcomes
+
+
+@EXECUTORS.register("torchrun")
+def run_torchrun(ctx: Any, plans: list[Any]) -> list[dict[str, Any]]:
+    from mage_bench.sweep import execute_run
+
+    nproc = ctx.spec.executor.nproc_per_node
+    if nproc < 1:
+        raise UserError(f"executor.nproc_per_node must be >= 1, got {nproc}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "mage_bench.cli"]
+    outcomes = []
+    with _bar(ctx, len(plans)) as bar:
+        for plan in plans:
+            bar.set_postfix_str(plan.name)
+            outcomes.append(execute_run(plan, ctx.spec, ctx.runs_dir, ctx.device, progress=False,
+                                        train_command=command))
+            bar.update(1)
+    return outcomes
+
+
+@EXECUTORS.register("slurm")
+def run_slurm(ctx: Any, plans: list[Any]) -> list[dict[str, Any]]:
+    try:
+        import submitit
+    except ImportError:
+        raise UserError("the slurm executor needs submitit: pip install 'mage-bench[slurm]'") from None
+    from mage_bench.runs import DONE_FILE
+    from mage_bench.sweep import SHARED, execute_run
+
+    options = ctx.spec.executor.slurm
+    executor = submitit.AutoExecutor(folder=str(ctx.runs_dir / SHARED / "submitit"), cluster=options.cluster)
+    executor.update_parameters(name=f"mage-{ctx.spec.name}", timeout_min=options.timeout_min, mem_gb=options.mem_gb,
+                               gpus_per_node=options.gpus_per_node, cpus_per_task=options.cpus_per_task,
+                               nodes=options.nodes, slurm_partition=options.partition)
+    todo = [plan for plan in plans if not (ctx.runs_dir / plan.name / DONE_FILE).is_file()]
+    outcomes = [{"run": plan.name, "status": "done", "skipped": True} for plan in plans if plan not in todo]
+    # The device is chosen on the node that runs the job ("auto" there), not here.
+    jobs = [(plan, executor.submit(execute_run, plan, ctx.spec, ctx.runs_dir, ctx.spec.eval.device, False))
+            for plan in todo]
+    with _bar(ctx, len(plans)) as bar:
+        bar.update(len(outcomes))
+        for plan, job in jobs:
+            try:
+                outcomes.append(job.result())
+            except Exception as exc:  # the job itself died (timeout, preemption, node failure)
+                outcomes.append({"run": plan.name, "status": "failed",
+                                 "error": f"slurm job {job.job_id}: {str(exc).splitlines()[0] if str(exc) else exc!r}"})
+            bar.update(1)
+    return outcomes

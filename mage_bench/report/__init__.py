@@ -1,0 +1,149 @@
+"""`mage-bench report`: results.csv, summary.csv and a self-contained index.html from result records.
+
+Never imports torch: it reads run folders (records, sweep.json, metrics.jsonl, sample grids) only.
+The HTML is rendered by Jinja2 with autoescape on, so run names, labels and config values from users
+appear as text; figures are PNGs embedded as data URIs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mage_bench.report.collate import (
+    HEADLINES,
+    TIMING_COLUMNS,
+    beyond_noise,
+    collect,
+    headline_label,
+    seed_spread,
+    select,
+    summarise,
+)
+
+RESULTS_CSV, SUMMARY_CSV, INDEX_HTML = "results.csv", "summary.csv", "index.html"
+
+
+def _fmt(value: float, std: float | None = None) -> str:
+    if value is None or not np.isfinite(value):
+        return "–"
+    digits = 3 if abs(value) < 100 else 1
+    text = f"{value:.{digits}f}"
+    if std is not None and np.isfinite(std):
+        text += f" ± {std:.{digits}f}"
+    return text
+
+
+def _summary_table(results: pd.DataFrame, points: list[str], references: list[str]) -> dict[str, Any]:
+    """Rows = points then references, columns = headline metrics; best point per column marked."""
+    columns, rows = [], {p: {"label": p, "reference": p in references, "cells": []} for p in points + references}
+    for headline in HEADLINES:
+        data = select(results, headline)
+        if data.empty:
+            continue
+        higher = bool(data["higher_is_better"].iloc[0])
+        columns.append({"label": headline_label(headline, set(data["feature_extractor"])),
+                        "arrow": "↑" if higher else "↓", "n": int(data["n_samples"].max())})
+        means = {p: data[data["point"] == p]["value"].mean() for p in points}
+        valid = {p: m for p, m in means.items() if np.isfinite(m)}
+        best = (max if higher else min)(valid, key=valid.get) if valid else None
+        for p in points + references:
+            values = data[data["point"] == p]["value"]
+            std = values.std(ddof=1) if len(values) > 1 else None
+            rows[p]["cells"].append({"text": _fmt(values.mean() if len(values) else np.nan, std),
+                                     "count": len(values), "best": p == best})
+    return {"columns": columns, "rows": list(rows.values())}
+
+
+def _noise(results: pd.DataFrame, points: list[str]) -> list[dict[str, Any]]:
+    """Per headline metric: which pairs of points differ by more than the seed spread."""
+    out = []
+    for headline in HEADLINES:
+        data = select(results, headline)
+        data = data[data["role"] == "run"] if not data.empty else data
+        if data.empty:
+            continue
+        pairs, unknown = [], False
+        groups = {p: data[data["point"] == p]["value"] for p in points}
+        spread, df = seed_spread(list(groups.values()))
+        for i, a in enumerate(points):
+            for b in points[i + 1:]:
+                verdict = beyond_noise(groups[a], groups[b], spread, df)
+                if verdict is None:
+                    unknown = True
+                elif verdict:
+                    pairs.append(f"{a} vs {b}")
+        out.append({"label": headline_label(headline, set(data["feature_extractor"])), "pairs": pairs,
+                    "spread": spread, "df": df, "unknown": unknown, "within_noise": not pairs and not unknown})
+    return out
+
+
+def build_report(paths: list[str | Path], out_dir: str | Path) -> Path:
+    """Write results.csv, summary.csv and index.html into out_dir; returns the index path."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    from mage_bench.io import atomic_write_text, utc_now
+    from mage_bench.report import figures
+
+    collected = collect(paths)
+    results = collected.results
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sort_keys = [c for c in ("role", "point", "run", "evaluator", "metric", "k", "shots") if c in results]
+    results = results.sort_values(sort_keys, kind="stable").reset_index(drop=True)
+    atomic_write_text(out / RESULTS_CSV, results.to_csv(index=False))
+    summary = summarise(results) if not results.empty else pd.DataFrame()
+    atomic_write_text(out / SUMMARY_CSV, summary.to_csv(index=False))
+
+    sweep = collected.sweeps[0] if collected.sweeps else {}
+    points = [p["label"] for p in sweep.get("points", [])] or sorted(set(results.get("point", [])) -
+                                                                   set(results[results["role"] == "reference"]["point"])
+                                                                   if not results.empty else [])
+    references = sorted(set(results[results["role"] == "reference"]["point"])) if not results.empty else []
+    runs = sweep.get("runs") or [{"run": name, "point": name} for name in collected.folders]
+    noise = _noise(results, points) if not results.empty else []
+    seeds = sweep.get("seeds", [])
+    extractors = sorted(set(results["feature_extractor"])) if not results.empty else []
+    gen = results[results["evaluator"] == "fid"] if not results.empty else results
+    page = {
+        "title": f"mage-bench report: {sweep.get('sweep', ', '.join(str(p) for p in paths))}",
+        "sweep": sweep, "parameter": sweep.get("parameter", "run"), "seeds": seeds,
+        "table": _summary_table(results, points, references) if not results.empty else None,
+        "noise": noise, "all_within_noise": bool(noise) and all(n["within_noise"] for n in noise),
+        "any_unknown": any(n["unknown"] for n in noise),
+        "figures": {"metrics": figures.metrics_vs_parameter(results, points, sweep.get("parameter", "run"))
+                    if not results.empty else None,
+                    "tradeoff": figures.tradeoff(results, points) if not results.empty else None,
+                    "densities": figures.densities(sweep), "loss": figures.loss_curves(runs, collected.folders)},
+        "grids": [{"run": r["run"], "point": r["point"], "seed": r.get("seed"),
+                   "png": figures.grid_image(collected.folders[r["run"]])}
+                  for r in runs if r["run"] in collected.folders and figures.grid_image(collected.folders[r["run"]])],
+        "failed": collected.failed,
+        "nonstandard": [e for e in extractors if e not in ("inception-v3",) and e in set(gen.get("feature_extractor", []))],
+        "extractors": extractors,
+        "samples": {"generated": int(gen["n_samples"].max()) if len(gen) else None,
+                    "real": int(gen["n_real"].max()) if len(gen) and "n_real" in gen else None,
+                    "test": int(results[results["evaluator"] == "linear"]["n_samples"].max())
+                    if not results.empty and (results["evaluator"] == "linear").any() else None},
+        "provenance": sweep.get("provenance") or _provenance_from(results),
+        "timings": sweep.get("timings", {}), "run_timings": [r for r in runs if r.get("timing")],
+        "generated_at": utc_now(), "timing_columns": ", ".join(TIMING_COLUMNS),
+    }
+    env = Environment(loader=PackageLoader("mage_bench.report", "templates"),
+                      autoescape=select_autoescape(["html", "j2"], default=True))
+    html = env.get_template("index.html.j2").render(**page, json=json)
+    atomic_write_text(out / INDEX_HTML, html)
+    return out / INDEX_HTML
+
+
+def _provenance_from(results: pd.DataFrame) -> dict[str, Any]:
+    if results.empty:
+        return {}
+    first = results.iloc[0]
+    versions = first.get("versions")
+    return {"git_commit": first.get("git_commit"), "versions": json.loads(versions) if isinstance(versions, str)
+            else versions, "date": first.get("created_at")}

@@ -1,0 +1,175 @@
+"""Matplotlib figures of a report, returned as base64 PNG strings (embedded: the page is self-contained)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mage_bench.report.collate import HEADLINES, Headline, headline_label, select
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _short(label: str, limit: int = 28) -> str:
+    return label if len(label) <= limit else label[: limit - 1] + "…"
+
+
+def metrics_vs_parameter(results: pd.DataFrame, points: list[str], parameter: str) -> str | None:
+    """One panel per headline metric: mean +- std over seeds per point, seeds as dots, references as lines."""
+    plt = _plt()
+    present = [h for h in HEADLINES if not select(results, h).empty]
+    if not present or not points:
+        return None
+    cols = min(4, len(present))
+    rows = int(np.ceil(len(present) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    x = np.arange(len(points))
+    styles = {"reference: untrained model": ("0.4", "--"), "reference: raw pixels": ("tab:green", ":"),
+              "reference: real held-out images": ("tab:green", ":")}
+    for ax, headline in zip(axes.flat, present, strict=False):
+        data = select(results, headline)
+        runs = data[data["role"] == "run"]
+        means = [runs[runs["point"] == p]["value"].mean() for p in points]
+        stds = [runs[runs["point"] == p]["value"].std(ddof=1) for p in points]
+        ax.errorbar(x, means, yerr=np.nan_to_num(stds), fmt="o", capsize=4, color="tab:blue", label="mean ± std (seeds)")
+        for i, p in enumerate(points):
+            seeds = runs[runs["point"] == p]["value"]
+            ax.scatter(np.full(len(seeds), i) + 0.12, seeds, s=10, color="tab:blue", alpha=0.4)
+        for name, (color, style) in styles.items():
+            ref = data[(data["role"] == "reference") & (data["point"] == name)]["value"]
+            if not ref.empty:
+                ax.axhline(ref.mean(), color=color, linestyle=style, linewidth=1, label=name.split(": ")[1])
+        arrow = "↑" if data["higher_is_better"].iloc[0] else "↓"
+        ax.set_title(f"{headline_label(headline, set(data['feature_extractor']))} {arrow}", fontsize=9)
+        ax.set_xticks(x, [_short(p) for p in points], rotation=35, ha="right", fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(present):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6, loc="best")
+    fig.suptitle(f"each metric against {parameter}", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """Points not dominated when lower x and higher y are better, sorted by x."""
+    front, best_y = [], -np.inf
+    for x, y, label in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best_y:
+            front.append((x, y, label))
+            best_y = y
+    return front
+
+
+def tradeoff(results: pd.DataFrame, points: list[str]) -> str | None:
+    """Generation (FD/FID, lower better) against representation (linear top-1), Pareto front marked."""
+    plt = _plt()
+    gen, rep = select(results, HEADLINES[4]), select(results, HEADLINES[0])
+    if gen.empty or rep.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    coords = []
+    for p in points:
+        g, r = gen[(gen["point"] == p) & (gen["role"] == "run")]["value"], rep[(rep["point"] == p) & (rep["role"] == "run")]["value"]
+        if g.empty or r.empty:
+            continue
+        coords.append((g.mean(), r.mean(), p))
+        ax.errorbar(g.mean(), r.mean(), xerr=np.nan_to_num(g.std(ddof=1)), yerr=np.nan_to_num(r.std(ddof=1)),
+                    fmt="o", capsize=3, color="tab:blue")
+        ax.annotate(_short(p, 24), (g.mean(), r.mean()), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    front = _pareto(coords)
+    if len(front) > 1:
+        ax.plot([f[0] for f in front], [f[1] for f in front], color="tab:red", linewidth=1.2, label="Pareto front")
+    ax.scatter([f[0] for f in front], [f[1] for f in front], s=90, facecolors="none", edgecolors="tab:red")
+    for name, marker in (("reference: untrained model", "x"),):
+        g = gen[gen["point"] == name]["value"]
+        r = rep[rep["point"] == name]["value"]
+        if not g.empty and not r.empty:
+            ax.scatter(g.mean(), r.mean(), marker=marker, color="0.4", label=name)
+    label = headline_label(HEADLINES[4], set(gen["feature_extractor"]))
+    ax.set_xlabel(f"{label} (lower is better) →")
+    ax.set_ylabel("linear probe top-1 (higher is better) →")
+    ax.set_title("generation vs representation (mean ± std over seeds)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def densities(sweep: dict[str, Any]) -> str | None:
+    plt = _plt()
+    dens = sweep.get("densities") or {}
+    if not dens:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for i, (label, d) in enumerate(dens.items()):
+        color = f"C{i % 10}"
+        if d.get("point_mass") is not None:
+            ax.axvline(d["point_mass"], color=color, linewidth=2, label=f"{_short(label)} (point mass)")
+        else:
+            y = np.array([np.nan if v is None else v for v in d["pdf"]], dtype=float)
+            ax.plot(d["x"], y, color=color, label=_short(label))
+    ax.set_xlabel("masking ratio")
+    ax.set_ylabel("density")
+    ax.set_title("masking-ratio distributions swept", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def loss_curves(runs: list[dict[str, Any]], folders: dict[str, Path]) -> str | None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    colors: dict[str, str] = {}
+    labelled: set[str] = set()
+    drawn = False
+    for run in runs:
+        path = folders.get(run["run"], Path()) / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not lines:
+            continue
+        color = colors.setdefault(run["point"], f"C{len(colors) % 10}")
+        ax.plot([r["step"] for r in lines], [r["loss"] for r in lines], color=color, linewidth=0.9, alpha=0.8,
+                label=None if run["point"] in labelled else _short(run["point"]))
+        labelled.add(run["point"])
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (one line per seed)")
+    ax.set_title("training loss", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def grid_image(folder: Path) -> str | None:
+    path = folder / "samples" / "grid.png"
+    return base64.b64encode(path.read_bytes()).decode("ascii") if path.is_file() else None
+
+
+__all__ = ["Headline", "densities", "grid_image", "loss_curves", "metrics_vs_parameter", "tradeoff"]

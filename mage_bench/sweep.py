@@ -1,0 +1,542 @@
+"""Sweep specs (experiments/*.yaml): validate, expand into runs, run them, write the report.
+
+A spec names one swept run-config parameter (`parameter`, e.g. `masking.spec`), its points (each a
+`label` and a `value`, plus optional `overrides`), the `seeds`, a base `run` layer, the shared
+tokenizer, the evaluation settings and the executor; `presets` overlay any of these. Everything is
+checked before anything runs, and a typo is a one-line error naming its key path.
+
+Layout under the runs folder (default runs/<sweep>):
+  _shared/tokenizer/      trained once per sweep (or the spec's `tokenizer.path`)
+  _shared/cache/          reference images and statistics for FID, shared by every run
+  _reference/untrained/   the untrained model, evaluated like the runs ("nothing learned")
+  _reference/*.json       raw-pixel and real-held-out-image result records
+  <point>-<hash>-s<seed>/ one run folder each (run directory contract) + sweep-run.json
+  sweep.json              the expanded sweep: points, runs, densities, timings (what the report reads)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mage_bench.config import from_dict, to_dict
+from mage_bench.errors import ConfigError, UserError
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+BUILTIN_SPECS = ("masking", "contrastive")
+SHARED, REFERENCE = "_shared", "_reference"
+RUN_META, FAILED_FILE, TIMING_FILE, SWEEP_FILE = "sweep-run.json", "FAILED", "timing.json", "sweep.json"
+_SAFE = re.compile(r"[^a-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    label: str = ""
+    value: Any = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # a run-config layer for this point only
+
+
+@dataclass(frozen=True)
+class TokenizerSource:
+    path: str | None = None  # an existing tokenizer folder; else one is trained with `train`
+    train: dict[str, Any] = field(default_factory=dict)  # a `tokenizer train` config layer
+
+
+@dataclass(frozen=True)
+class SweepEval:
+    num_samples: int | None = None  # generated images per run (default: the reference split's size)
+    extractor: str | None = None  # default: digits-cnn for digits, inception-v3 otherwise
+    weights: str | None = None
+    backend: str = "torch-fidelity"
+    real_split: str = "train"
+    device: str = "auto"
+    references: bool = True  # raw pixels, untrained model, real held-out images
+
+    def validate(self, path: str) -> None:
+        if self.num_samples is not None and self.num_samples < 2:
+            raise ConfigError(f"{path}.num_samples must be >= 2")
+        if self.real_split not in ("train", "test"):
+            raise ConfigError(f"{path}.real_split must be train or test")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"{path}.device must be auto, cpu or cuda")
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    cluster: str | None = None  # submitit's: None = detect (slurm when sbatch exists), "local", "debug"
+    partition: str | None = None
+    gpus_per_node: int = 1
+    cpus_per_task: int = 8
+    mem_gb: int = 64
+    timeout_min: int = 24 * 60
+    nodes: int = 1
+
+
+@dataclass(frozen=True)
+class ExecutorOptions:
+    name: str = "local"
+    nproc_per_node: int = 2  # torchrun: processes per run
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str = ""
+    description: str = ""
+    parameter: str = ""
+    points: tuple[SweepPoint, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+    run: dict[str, Any] = field(default_factory=dict)
+    tokenizer: TokenizerSource = field(default_factory=TokenizerSource)
+    eval: SweepEval = field(default_factory=SweepEval)
+    executor: ExecutorOptions = field(default_factory=ExecutorOptions)
+
+    def validate(self, path: str) -> None:
+        if not self.name or _SAFE.sub("-", self.name.lower()) != self.name:
+            raise ConfigError(f"{path}.name must be lower-case letters, digits, '.', '_' or '-' (got {self.name!r})")
+        if not self.points:
+            raise ConfigError(f"{path}.points: a sweep needs at least one point")
+        labels = [p.label for p in self.points]
+        for i, point in enumerate(self.points):
+            if not point.label:
+                raise ConfigError(f"{path}.points[{i}].label is missing")
+        dupes = {label for label in labels if labels.count(label) > 1}
+        if dupes:
+            raise ConfigError(f"{path}.points: label {sorted(dupes)[0]!r} is used twice")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"{path}.seeds must be a non-empty list of distinct integers")
+        if "seed" in self.run:
+            raise ConfigError(f"{path}.run.seed: seeds are a sweep axis; list them under seeds")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    name: str  # folder name: safe, deterministic
+    point: str  # the point's label (user text: escaped wherever shown)
+    value: Any
+    seed: int
+    config: Any  # RunConfig, resolved against the sweep's tokenizer
+
+    def meta(self, sweep: SweepSpec) -> dict[str, Any]:
+        return {"sweep": sweep.name, "run": self.name, "point": self.point, "parameter": sweep.parameter,
+                "value": self.value, "seed": self.seed}
+
+
+def find_spec(name_or_path: str) -> Path:
+    """`masking`/`contrastive` (experiments/NAME.yaml) or a path to a YAML spec."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise UserError(f"sweep spec {path} does not exist")
+        return path
+    for folder in (EXPERIMENTS, Path.cwd() / "experiments"):
+        if (folder / f"{name_or_path}.yaml").is_file():
+            return folder / f"{name_or_path}.yaml"
+    from mage_bench.registry import did_you_mean
+
+    raise UserError(f"unknown sweep {name_or_path!r}{did_you_mean(name_or_path, list(BUILTIN_SPECS))}; "
+                    "give masking, contrastive or a path to a .yaml spec")
+
+
+def load_spec(name_or_path: str, preset: str | None = None) -> SweepSpec:
+    """The spec with `preset` (default: its `default_preset`) overlaid, validated."""
+    from mage_bench.config import deep_merge, load_yaml
+
+    path = find_spec(name_or_path)
+    raw = load_yaml(path)
+    presets = raw.pop("presets", {}) or {}
+    default = raw.pop("default_preset", None)
+    chosen = preset or default
+    if chosen is not None:
+        if chosen not in presets:
+            from mage_bench.registry import did_you_mean
+
+            raise ConfigError(f"{path}: unknown preset {chosen!r}{did_you_mean(chosen, list(presets))}; "
+                              f"presets: {', '.join(presets) or 'none'}")
+        raw = deep_merge(raw, presets[chosen])
+    try:
+        return from_dict(SweepSpec, raw, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """Lower-case ASCII letters, digits, '.', '_' and '-' only; never empty, never '.' or '..'."""
+    out = _SAFE.sub("-", text.lower()).strip("-.")[:limit].strip("-.")
+    return out or "point"
+
+
+def _set_dotted(layer: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    node = layer
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+    return layer
+
+
+def expand(spec: SweepSpec, tokenizer: str) -> list[RunPlan]:
+    """One RunPlan per (point, seed), each with a fully resolved and validated RunConfig."""
+    import copy
+
+    from mage_bench.config import RunConfig, deep_merge, resolve_config
+
+    plans = []
+    for i, point in enumerate(spec.points):
+        layer = deep_merge(copy.deepcopy(spec.run), {"tokenizer": tokenizer})
+        layer = _set_dotted(layer, spec.parameter, point.value)
+        layer = deep_merge(layer, point.overrides)
+        digest = hashlib.sha256(json.dumps([point.label, to_dict(point.value), point.overrides],
+                                           sort_keys=True, default=str).encode()).hexdigest()[:6]
+        for seed in spec.seeds:
+            try:
+                config = resolve_config(RunConfig, {**layer, "seed": seed})
+                _check_masking(config)
+            except (ConfigError, UserError, ValueError) as exc:
+                raise ConfigError(f"points[{i}] ({point.label!r}): {exc}") from None
+            plans.append(RunPlan(f"{slug(point.label)}-{digest}-s{seed}", point.label, point.value, seed, config))
+    return plans
+
+
+def _check_masking(config: Any) -> None:
+    """What training would refuse about the masking, refused before anything runs."""
+    from mage_bench.mage.masking import check_mask_ratio_min, create_masking
+
+    distribution = create_masking(config.masking.spec)
+    low = config.masking.mask_ratio_min
+    check_mask_ratio_min(distribution, distribution.support()[0] if low is None else low)
+
+
+def check_parameter(spec: SweepSpec) -> None:
+    """The swept parameter must be a leaf of the run config (typos fail with their key path)."""
+    from mage_bench.config import RunConfig
+
+    node: Any = to_dict(RunConfig())
+    for i, key in enumerate(spec.parameter.split(".")):
+        if not isinstance(node, dict) or key not in node:
+            from mage_bench.registry import did_you_mean
+
+            options = list(node) if isinstance(node, dict) else []
+            raise ConfigError(f"parameter: {spec.parameter!r} is not a run-config key "
+                              f"(at {'.'.join(spec.parameter.split('.')[:i + 1])!r}{did_you_mean(key, options)})")
+        node = node[key]
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class SweepContext:
+    spec: SweepSpec
+    runs_dir: Path
+    report_dir: Path
+    progress: bool
+    device: str = "cpu"
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def cache(self) -> Path:
+        return self.runs_dir / SHARED / "cache"
+
+
+def prepare_tokenizer(ctx: SweepContext) -> str:
+    """The sweep's tokenizer folder: the spec's path, or trained once into _shared/tokenizer (resumable)."""
+    from mage_bench.config import TokenizerJobConfig, resolve_config
+    from mage_bench.tokenizer import CARD_FILE
+    from mage_bench.tokenizer.train import train_tokenizer
+
+    if ctx.spec.tokenizer.path:
+        if not Path(ctx.spec.tokenizer.path).is_dir():
+            raise UserError(f"tokenizer.path {ctx.spec.tokenizer.path} is not a folder; train one with "
+                            "mage-bench tokenizer train or drop tokenizer.path")
+        return ctx.spec.tokenizer.path
+    out = ctx.runs_dir / SHARED / "tokenizer"
+    if not (out / CARD_FILE).is_file():  # the card is written last: no card, not finished
+        tic = time.perf_counter()
+        config = resolve_config(TokenizerJobConfig, ctx.spec.tokenizer.train)
+        train_tokenizer(config, out, resume=True, progress=ctx.progress)
+        ctx.timings["tokenizer_s"] = time.perf_counter() - tic
+    return str(out)
+
+
+def execute_run(plan: RunPlan, spec: SweepSpec, runs_dir: Path, device: str, progress: bool,
+                train_command: list[str] | None = None) -> dict[str, Any]:
+    """Train (resuming), generate, evaluate one run and mark it DONE; failures are recorded, not raised.
+
+    `train_command`: run training as this subprocess instead (the torchrun executor); the rest runs here.
+    """
+    from mage_bench.eval.runner import EVAL_ALL, evaluate_generation, evaluate_run
+    from mage_bench.io import atomic_write_json, atomic_write_text
+    from mage_bench.runs import DONE_FILE, SAMPLES_DIR, load_run, resolve_device
+    from mage_bench.sampling import generate_images
+    from mage_bench.train import TrainingFailed, train
+
+    device = resolve_device(device)
+    run_dir = runs_dir / plan.name
+    if (run_dir / DONE_FILE).is_file():
+        return {"run": plan.name, "status": "done", "skipped": True}
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)
+    timing: dict[str, float] = {}
+    try:
+        tic = time.perf_counter()
+        if train_command is None:
+            train(plan.config, run_dir, resume=True, progress=progress)
+        else:
+            _train_subprocess(plan, run_dir, train_command)
+        timing["train_s"] = time.perf_counter() - tic
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / RUN_META, plan.meta(spec))
+        run = load_run(run_dir, device)
+        num = spec.eval.num_samples or _reference_count(plan.config, spec)
+        tic = time.perf_counter()
+        generate_images(run, num, run_dir / SAMPLES_DIR, progress=progress, device=device)
+        timing["generation_s"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        evaluate_run(run, list(EVAL_ALL), progress=progress, device=device, sweep=spec.name)
+        evaluate_generation(run, plan.config.data.name, ("fid", "isc", "kid"), num=num,
+                            extractor=spec.eval.extractor, backend=spec.eval.backend, weights=spec.eval.weights,
+                            split=spec.eval.real_split, cache_dir=runs_dir / SHARED / "cache", device=device,
+                            seed=plan.seed, progress=progress, sweep=spec.name)
+        timing["evaluation_s"] = time.perf_counter() - tic
+    except Exception as exc:  # recorded and reported; the sweep goes on and its exit code says so
+        expected = isinstance(exc, (TrainingFailed, UserError, subprocess.CalledProcessError))
+        lines = str(exc).splitlines() or [""]
+        error = lines[0] if expected else f"{type(exc).__name__}: {lines[0]}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / FAILED_FILE, {**plan.meta(spec), "error": error})
+        return {"run": plan.name, "status": "failed", "error": error}
+    atomic_write_json(run_dir / TIMING_FILE, timing)
+    atomic_write_text(run_dir / DONE_FILE, json.dumps({"finished_at": time.time()}) + "\n")  # written last
+    return {"run": plan.name, "status": "done", "skipped": False, **timing}
+
+
+def _train_subprocess(plan: RunPlan, run_dir: Path, command: list[str]) -> None:
+    """Training through a launcher (torchrun): the resolved config goes through a file."""
+    import tempfile
+
+    from mage_bench.config import dump_yaml
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        handle.write(dump_yaml(plan.config))
+    try:
+        subprocess.run([*command, "train", "--config", handle.name, "--out", str(run_dir), "--resume", "--quiet"],
+                       check=True)
+    finally:
+        Path(handle.name).unlink(missing_ok=True)
+
+
+def _reference_count(config: Any, spec: SweepSpec) -> int:
+    from mage_bench.data import create_dataset
+
+    return len(create_dataset(config.data, spec.eval.real_split, train_transform=False))
+
+
+# --------------------------------------------------------------------------------------------
+# Reference rows: what "nothing learned" and "good" look like, through the same evaluators
+
+RAW_PIXELS_MAX_SIDE = 32  # raw-pixel features of large images are downsampled to at most 32x32
+
+
+def raw_pixel_features(data: Any, split: str) -> tuple[Any, Any]:
+    """(images flattened [N, 3*s*s] float32, labels) in the evaluation view, s <= RAW_PIXELS_MAX_SIDE."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from mage_bench.data import create_dataset
+
+    loader = torch.utils.data.DataLoader(create_dataset(data, split, train_transform=False), batch_size=256)
+    feats, labels = [], []
+    for images, targets in loader:
+        if images.shape[-1] > RAW_PIXELS_MAX_SIDE:
+            images = F.interpolate(images, size=RAW_PIXELS_MAX_SIDE, mode="bilinear", antialias=True,
+                                   align_corners=False)
+        feats.append(images.flatten(1).numpy().astype(np.float32))
+        labels.append(np.asarray(targets))
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def compute_references(ctx: SweepContext, plans: list[RunPlan]) -> None:
+    """Raw pixels and real held-out images (records in _reference/*.json) and the untrained model
+    (a run folder in _reference/untrained, evaluated like the runs). Each is computed once."""
+
+    from mage_bench.eval.generation import dataset_reference
+    from mage_bench.eval.runner import EVAL_ALL, EVALUATORS, evaluate_generation, evaluate_run
+    from mage_bench.results import ResultRecord, config_hash, write_records
+    from mage_bench.runs import DONE_FILE, SAMPLES_DIR, load_run
+    from mage_bench.sampling import generate_images
+    from mage_bench.train import save_initial_checkpoint
+
+    spec, first = ctx.spec, plans[0].config
+    folder = ctx.runs_dir / REFERENCE
+    folder.mkdir(parents=True, exist_ok=True)
+    tic = time.perf_counter()
+    raw_file = folder / "raw-pixels.json"
+    if not raw_file.is_file():
+        train_x, train_y = raw_pixel_features(first.data, "train")
+        test_x, test_y = raw_pixel_features(first.data, "test")
+        records = [ResultRecord(sweep=spec.name, run="reference-raw-pixels", evaluator=name, metric=metric,
+                                value=float(value), higher_is_better=better, n_samples=int(len(test_y)),
+                                dataset=first.data.name, split="test", feature_extractor="raw-pixels",
+                                seed=0, config_hash=config_hash(first.data), extra=extra)
+                   for name in EVAL_ALL
+                   for metric, value, better, extra in EVALUATORS.get(name)(train_x, train_y, test_x, test_y, 0)]
+        write_records(raw_file, records)
+    real_file = folder / "real-heldout.json"
+    if not real_file.is_file():
+        # The floor of the generation metrics: real images the model never saw, against the reference.
+        other = "test" if spec.eval.real_split == "train" else "train"
+        heldout = dataset_reference(first.data, other, ctx.cache, ctx.progress).folder
+        records = evaluate_generation(heldout, first.data.name, ("fid", "isc", "kid"), extractor=spec.eval.extractor,
+                                      backend=spec.eval.backend, weights=spec.eval.weights,
+                                      split=spec.eval.real_split, cache_dir=ctx.cache, device=ctx.device,
+                                      progress=ctx.progress, sweep=spec.name)
+        from mage_bench.io import atomic_write_json
+
+        atomic_write_json(real_file, [{**r, "run": f"reference-real-{other}"} for r in records])
+    untrained = folder / "untrained"
+    if not (untrained / DONE_FILE).is_file():
+        save_initial_checkpoint(first, untrained)
+        run = load_run(untrained, ctx.device)
+        num = spec.eval.num_samples or _reference_count(first, spec)
+        generate_images(run, num, untrained / SAMPLES_DIR, progress=ctx.progress, device=ctx.device)
+        evaluate_run(run, list(EVAL_ALL), device=ctx.device, progress=ctx.progress, sweep=spec.name)
+        evaluate_generation(run, first.data.name, ("fid", "isc", "kid"), num=num, extractor=spec.eval.extractor,
+                            backend=spec.eval.backend, weights=spec.eval.weights, split=spec.eval.real_split,
+                            cache_dir=ctx.cache, device=ctx.device, seed=first.seed, progress=ctx.progress,
+                            sweep=spec.name)
+        (untrained / DONE_FILE).write_text("{}\n")
+    ctx.timings["references_s"] = time.perf_counter() - tic
+
+
+def densities(spec: SweepSpec, plans: list[RunPlan]) -> dict[str, dict[str, Any]]:
+    """Each point's masking-ratio density on a grid (point masses as their location)."""
+    import numpy as np
+
+    from mage_bench.mage.masking import create_masking
+
+    grid = np.linspace(0.0, 1.0, 401)
+    out = {}
+    for plan in plans:
+        if plan.point in out:
+            continue
+        dist = create_masking(plan.config.masking.spec)
+        pdf = np.asarray(dist.pdf(grid), dtype=float)
+        low, high = dist.support()
+        out[plan.point] = {"spec": dist.spec(), "mean": float(dist.mean()), "x": grid.round(4).tolist(),
+                           "pdf": [None if not np.isfinite(v) else round(float(v), 6) for v in pdf],
+                           "point_mass": float(low) if low == high else None}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep as a whole
+
+
+def run_status(runs_dir: Path, plan: RunPlan) -> str:
+    """done | failed | partial (step N) | todo, from what is on disk."""
+    from mage_bench.runs import CHECKPOINT_FILE, DONE_FILE
+
+    folder = runs_dir / plan.name
+    if (folder / DONE_FILE).is_file():
+        return "done"
+    if (folder / FAILED_FILE).is_file():
+        return "failed (will retry)"
+    if (folder / CHECKPOINT_FILE).is_file():
+        return "partial (resumes)"
+    return "todo"
+
+
+def dry_run_table(ctx: SweepContext, plans: list[RunPlan]) -> str:
+    rows = [("run", "point", ctx.spec.parameter, "seed", "status")]
+    rows += [(p.name, p.point, str(p.value), str(p.seed), run_status(ctx.runs_dir, p)) for p in plans]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    pending = sum(run_status(ctx.runs_dir, p) != "done" for p in plans)
+    tokenizer = ctx.spec.tokenizer.path or str(ctx.runs_dir / SHARED / "tokenizer")
+    from mage_bench.tokenizer import CARD_FILE
+
+    if (Path(tokenizer) / CARD_FILE).is_file():
+        tok_state = "exists"
+    else:
+        tok_state = "missing: import or train it first" if ctx.spec.tokenizer.path else "would be trained"
+    lines += ["", f"would execute: {pending} of {len(plans)} runs with the {ctx.spec.executor.name} executor; "
+              f"tokenizer {tokenizer} ({tok_state}); report to {ctx.report_dir}"]
+    return "\n".join(lines)
+
+
+def write_sweep_file(ctx: SweepContext, plans: list[RunPlan], outcomes: list[dict[str, Any]]) -> None:
+    from mage_bench.io import atomic_write_json, git_commit, package_versions, utc_now
+
+    runs = []
+    for plan, outcome in zip(plans, outcomes, strict=True):
+        timing_path = ctx.runs_dir / plan.name / TIMING_FILE
+        timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+        runs.append({**plan.meta(ctx.spec), "status": outcome["status"], "error": outcome.get("error"),
+                     "skipped": outcome.get("skipped", False), "timing": timing})
+    previous = ctx.runs_dir / SWEEP_FILE
+    timings = dict(ctx.timings)
+    if previous.is_file():  # a resumed sweep keeps the first measurement of its shared work
+        old = json.loads(previous.read_text()).get("timings", {})
+        for key in ("tokenizer_s", "references_s"):
+            if key in old and key not in timings:
+                timings[key] = old[key]
+    import platform
+
+    atomic_write_json(previous, {
+        "sweep": ctx.spec.name, "description": ctx.spec.description, "parameter": ctx.spec.parameter,
+        "points": [{"label": p.label, "value": p.value} for p in ctx.spec.points],
+        "seeds": list(ctx.spec.seeds), "spec": to_dict(ctx.spec), "runs": runs,
+        "densities": densities(ctx.spec, plans), "timings": timings,
+        "provenance": {"git_commit": git_commit(), "versions": package_versions(), "device": ctx.device,
+                       "host": platform.node(), "date": utc_now()}})
+
+
+def run_sweep(name_or_path: str, preset: str | None = None, executor: str | None = None,
+              runs_dir: str | Path | None = None, report_dir: str | Path | None = None, dry_run: bool = False,
+              progress: bool = False) -> dict[str, Any]:
+    """Expand, run (skipping DONE runs, resuming interrupted ones), evaluate, report. Returns a summary."""
+    import dataclasses
+
+    from mage_bench.executors import EXECUTORS
+    from mage_bench.runs import resolve_device
+
+    spec = load_spec(name_or_path, preset)
+    check_parameter(spec)
+    if executor:
+        spec = dataclasses.replace(spec, executor=dataclasses.replace(spec.executor, name=executor))
+    run_executor = EXECUTORS.get(spec.executor.name)
+    runs = Path(runs_dir) if runs_dir else Path("runs") / spec.name
+    report = Path(report_dir) if report_dir else Path("reports") / spec.name
+    ctx = SweepContext(spec, runs, report, progress, spec.eval.device)
+    tokenizer = spec.tokenizer.path or str(runs / SHARED / "tokenizer")
+    plans = expand(spec, tokenizer)
+    if dry_run:
+        return {"dry_run": True, "table": dry_run_table(ctx, plans), "runs": [p.meta(spec) for p in plans]}
+    # Slurm jobs choose their device on their node; everything else runs here and needs it here.
+    ctx.device = resolve_device(spec.eval.device) if spec.executor.name != "slurm" else "cpu"
+
+    start = time.perf_counter()
+    runs.mkdir(parents=True, exist_ok=True)
+    prepare_tokenizer(ctx)
+    if spec.eval.references:
+        compute_references(ctx, plans)
+    outcomes = run_executor(ctx, plans)
+    write_sweep_file(ctx, plans, outcomes)
+    from mage_bench.report import build_report
+
+    tic = time.perf_counter()
+    index = build_report([runs], report)
+    ctx.timings["report_s"] = time.perf_counter() - tic
+    write_sweep_file(ctx, plans, outcomes)  # again, with the report's time
+    failed = [o for o in outcomes if o["status"] == "failed"]
+    return {"sweep": spec.name, "runs": len(plans), "failed": len(failed),
+            "errors": {o["run"]: o["error"] for o in failed}, "report": str(index),
+            "total_s": round(time.perf_counter() - start, 1), "timings": ctx.timings}

@@ -1,0 +1,243 @@
+"""Sweeps: spec validation, naming, running (local, submitit, torchrun), failures, kill/resume, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import TINY_MODEL  # noqa: I001  (tests/ is on the path)
+
+from mage_bench.cli import main
+from mage_bench.errors import ConfigError, UserError
+from mage_bench.sweep import expand, load_spec, slug
+
+
+def micro_spec(tmp_path: Path, tokenizer: Path, digits_cnn, points=None, seeds=(0,), executor=None,
+               name: str = "micro") -> Path:
+    """A sweep that runs in seconds: the tests' tiny tokenizer and model, a few steps, 16 samples."""
+    weights, _ = digits_cnn
+    spec = {
+        "name": name, "description": "test sweep", "parameter": "masking.spec",
+        "points": points or [{"label": "truncnorm (official)", "value": "truncnorm:mean=0.55,std=0.25,min=0.5,max=1.0"},
+                             {"label": "fixed 0.75", "value": "fixed:ratio=0.75"}],
+        "seeds": list(seeds),
+        "run": {"model": dict(TINY_MODEL),
+                "train": {"steps": 6, "batch_size": 16, "blr": 0.01, "warmup_steps": 2, "checkpoint_every": 2,
+                          "log_every": 1}},
+        "tokenizer": {"path": str(tokenizer)},
+        "eval": {"num_samples": 16, "weights": str(weights), "device": "cpu"},
+        "executor": executor or {"name": "local"},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Specs and names
+
+
+@pytest.mark.parametrize("name", ["masking", "contrastive"])
+@pytest.mark.parametrize("preset", ["tiny", "digits", "cifar10", "paper"])
+def test_builtin_specs_validate_and_expand(name, preset):
+    spec = load_spec(name, preset)
+    plans = expand(spec, "models/x")
+    assert len(plans) == len(spec.points) * len(spec.seeds) and len({p.name for p in plans}) == len(plans)
+    if name == "masking":
+        values = {p.value for p in spec.points}
+        assert {"truncnorm:mean=0.55,std=0.25,min=0.5,max=1.0", "uniform:low=0.5,high=1.0", "fixed:ratio=0.75",
+                "cosine"} <= values and len(spec.points) >= 5
+    else:
+        assert {0.0, 0.01, 0.03, 0.1, 0.3, 1.0} <= {p.value for p in spec.points}
+
+
+def test_spec_typos_are_one_line_errors_with_key_paths(tmp_path, tiny_tokenizer_dir, digits_cnn, capsys):
+    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn)
+    raw = yaml.safe_load(path.read_text())
+    cases = [
+        ({"evaluation": {}}, "unknown config key 'evaluation'"),
+        ({"seedz": [1]}, "did you mean 'seeds'"),
+        ({"run": {"train": {"stepz": 3}}}, "train.stepz"),
+        ({"eval": {"num_sample": 3}}, "eval.num_sample"),
+        ({"parameter": "masking.spex"}, "masking.spex"),
+        ({"points": [{"label": "a", "value": "nope:x=1"}]}, "points[0]"),
+        ({"points": [{"label": "a", "value": "cosine"}, {"label": "a", "value": "cosine"}]}, "used twice"),
+        ({"run": {"seed": 3}}, "seeds are a sweep axis"),
+        ({"executor": {"name": "kubernetes"}}, "kubernetes"),
+    ]
+    for change, message in cases:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({**raw, **change}))
+        assert main(["sweep", str(bad), "--runs", str(tmp_path / "r"), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (change, err)
+    assert not (tmp_path / "r").exists()  # nothing ran
+
+
+def test_run_names_are_safe_and_deterministic():
+    for label in ["../../etc/passwd", "<script>alert(1)</script>", "a/b\\c", "..", "", "Ünïcode ✓"]:
+        name = slug(label)
+        assert name and "/" not in name and "\\" not in name and name not in (".", "..") and ".." not in name
+        assert set(name) <= set("abcdefghijklmnopqrstuvwxyz0123456789._-")
+    spec = load_spec("masking", "tiny")
+    assert [p.name for p in expand(spec, "t")] == [p.name for p in expand(spec, "t")]
+
+
+def test_dry_run_prints_the_table_and_runs_nothing(tmp_path, tiny_tokenizer_dir, digits_cnn, capsys):
+    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, seeds=(0, 1))
+    assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("todo") == 4 and "would execute: 4 of 4 runs" in out
+    assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+def _results(report: Path) -> pd.DataFrame:
+    frame = pd.read_csv(report / "results.csv")
+    return frame.drop(columns=["created_at"]).sort_values(["run", "evaluator", "metric", "k", "shots"]) \
+        .reset_index(drop=True)
+
+
+def test_local_sweep_end_to_end_then_skips_done_runs(tmp_path, tiny_tokenizer_dir, digits_cnn, capsys):
+    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn)
+    runs, report = tmp_path / "runs", tmp_path / "report"
+    assert main(["sweep", str(path), "--runs", str(runs), "--out", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert f"report: {report / 'index.html'}" in out
+    results = pd.read_csv(report / "results.csv")
+    assert {"linear", "fewshot", "knn", "fid"} <= set(results["evaluator"])
+    assert set(results[results["role"] == "reference"]["point"]) == {
+        "reference: raw pixels", "reference: untrained model", "reference: real held-out images"}
+    assert set(results[results["role"] == "run"]["sweep"]) == {"micro"}
+    summary = pd.read_csv(report / "summary.csv")
+    assert {"mean", "std", "count"} <= set(summary.columns)
+    html = (report / "index.html").read_text()
+    table = html.split("<h2>Summary")[1].split("</table>")[0]
+    assert "FD (digits-cnn; not Inception)" in table and ">FID" not in table  # never called Inception FID
+    assert "Seed spread unknown" in html  # one seed per point: the page says the spread cannot be judged
+    sweep = json.loads((runs / "sweep.json").read_text())
+    assert set(sweep["densities"]) == {"truncnorm (official)", "fixed 0.75"}
+    # Second run: every run is DONE, nothing retrains, the results are the same.
+    before = _results(report)
+    mtimes = {p: p.stat().st_mtime_ns for p in runs.glob("*/checkpoint.pt")}
+    assert main(["sweep", str(path), "--runs", str(runs), "--out", str(report)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("*/checkpoint.pt")} == mtimes
+    pd.testing.assert_frame_equal(before, _results(report))
+
+
+def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_tokenizer_dir, digits_cnn, capsys):
+    points = [{"label": "good", "value": "fixed:ratio=0.75"},
+              {"label": "diverges", "value": "fixed:ratio=0.75", "overrides": {"train": {"blr": 1.0e30}}}]
+    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, points=points)
+    code = main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
+    captured = capsys.readouterr()
+    assert code == 1 and "1 of 2 runs failed" in captured.err
+    failed = list((tmp_path / "runs").glob("diverges-*/FAILED"))
+    assert len(failed) == 1 and "non-finite" in json.loads(failed[0].read_text())["error"]
+    assert list((tmp_path / "runs").glob("good-*/DONE"))
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "1 run(s) failed" in html and "diverges" in html
+
+
+def test_report_escapes_user_text(tmp_path, tiny_tokenizer_dir, digits_cnn):
+    points = [{"label": "<script>alert(1)</script>", "value": "fixed:ratio=0.75"}]
+    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, points=points)
+    assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert html.count("<script>") == 1  # only the page's own figure check
+
+
+def test_report_never_imports_torch(tmp_path, tiny_tokenizer_dir, digits_cnn):
+    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, points=[{"label": "a", "value": "cosine"}])
+    assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "r1")]) == 0
+    code = ("import sys; from mage_bench.report import build_report; "
+            f"build_report([{str(tmp_path / 'runs')!r}], {str(tmp_path / 'r2')!r}); "
+            "assert 'torch' not in sys.modules, 'report imported torch'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert (tmp_path / "r2" / "index.html").is_file()
+    assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "r3")]) == 2
+
+
+def test_slurm_executor_through_submitit_local(tmp_path, tiny_tokenizer_dir, digits_cnn):
+    executor = {"name": "slurm", "slurm": {"cluster": "local", "timeout_min": 10, "gpus_per_node": 0}}
+    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, executor=executor)
+    assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    assert len(list((tmp_path / "runs").glob("*/DONE"))) == 2
+    assert list((tmp_path / "runs" / "_shared" / "submitit").glob("*_result.pkl"))
+
+
+def test_torchrun_executor_trains_with_two_processes(tmp_path, tiny_tokenizer_dir, digits_cnn):
+    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, points=[{"label": "a", "value": "cosine"}],
+                      executor={"name": "torchrun", "nproc_per_node": 2})
+    assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    run = next((tmp_path / "runs").glob("a-*-s0"))
+    assert (run / "DONE").is_file()
+    from mage_bench.runs import load_run
+
+    assert load_run(run).step == 6
+
+
+def test_sigkill_then_rerun_gives_the_uninterrupted_results(tmp_path, tiny_tokenizer_dir, digits_cnn):
+    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn)
+    command = [sys.executable, "-m", "mage_bench.cli", "sweep", str(path), "--quiet"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    tic = time.perf_counter()
+    subprocess.run([*command, "--runs", str(tmp_path / "a"), "--out", str(tmp_path / "ra")], check=True, env=env)
+    duration = time.perf_counter() - tic
+    # Kill at a random moment of the same sweep (seeded: reproducible), then rerun the same command.
+    delay = random.Random(0).uniform(0.3, 0.9) * duration
+    process = subprocess.Popen([*command, "--runs", str(tmp_path / "b"), "--out", str(tmp_path / "rb")], env=env)
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    subprocess.run([*command, "--runs", str(tmp_path / "b"), "--out", str(tmp_path / "rb")], check=True, env=env)
+    a, b = _results(tmp_path / "ra"), _results(tmp_path / "rb")
+    assert len(a) == len(b) and not b.duplicated(["run", "evaluator", "metric", "k", "shots"]).any()
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_unknown_sweep_and_preset_are_one_line(capsys):
+    assert main(["sweep", "maskin", "--dry-run"]) == 2
+    assert "did you mean 'masking'" in capsys.readouterr().err
+    assert main(["sweep", "masking", "--preset", "huge", "--dry-run"]) == 2
+    assert "unknown preset 'huge'" in capsys.readouterr().err
+    with pytest.raises((ConfigError, UserError)):
+        load_spec("masking", "nope")
+
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+                 if Path(p).is_file()), None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (Debian: apt install chromium)")
+def test_report_renders_in_headless_chromium(tmp_path, tiny_tokenizer_dir, digits_cnn):
+    import re
+
+    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, seeds=(0, 1))
+    assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    index = tmp_path / "report" / "index.html"
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+         "--virtual-time-budget=10000", "--dump-dom", index.as_uri()],
+        capture_output=True, text=True, timeout=180)
+    marker = re.search(r'data-figures="(\d+)/(\d+)"', result.stdout)
+    assert marker, result.stderr[-2000:]
+    loaded, total = map(int, marker.groups())
+    assert loaded == total >= 5  # figures and sample grids all decoded
+    console = [line for line in result.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, console
