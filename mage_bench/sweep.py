@@ -529,6 +529,9 @@ def run_sweep(name_or_path: str, preset: str | None = None, executor: str | None
     if spec.eval.references:
         compute_references(ctx, plans)
     outcomes = run_executor(ctx, plans)
+    # The breakdown of this invocation: shared work, then the per-run stages summed over runs done now.
+    for stage in ("train_s", "generation_s", "evaluation_s"):
+        ctx.timings[stage] = sum(o.get(stage, 0.0) for o in outcomes)
     write_sweep_file(ctx, plans, outcomes)
     from mage_bench.report import build_report
 
@@ -537,6 +540,8 @@ def run_sweep(name_or_path: str, preset: str | None = None, executor: str | None
     ctx.timings["report_s"] = time.perf_counter() - tic
     write_sweep_file(ctx, plans, outcomes)  # again, with the report's time
     failed = [o for o in outcomes if o["status"] == "failed"]
+    order = ("tokenizer_s", "references_s", "train_s", "generation_s", "evaluation_s", "report_s")
+    ctx.timings = {k: round(ctx.timings[k], 1) for k in order if k in ctx.timings}
     return {"sweep": spec.name, "runs": len(plans), "failed": len(failed),
             "errors": {o["run"]: o["error"] for o in failed}, "report": str(index),
             "total_s": round(time.perf_counter() - start, 1), "timings": ctx.timings}

@@ -152,12 +152,14 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_tokenize
 
 
 def test_report_escapes_user_text(tmp_path, tiny_tokenizer_dir, digits_cnn):
-    points = [{"label": "<script>alert(1)</script>", "value": "fixed:ratio=0.75"}]
+    points = [{"label": "<script>alert(1)</script>", "value": "fixed:ratio=0.75"},
+              {"label": "$\\frac{a}{ cost $5", "value": "cosine"}]
     path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, points=points)
     assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
     html = (tmp_path / "report" / "index.html").read_text()
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert html.count("<script>") == 1  # only the page's own figure check
+    assert "$\\frac{a}{ cost $5" in html  # a label matplotlib would parse as math is drawn and shown as text
 
 
 def test_report_never_imports_torch(tmp_path, tiny_tokenizer_dir, digits_cnn):

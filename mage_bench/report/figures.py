@@ -33,7 +33,9 @@ def _plt():
 
 
 def _short(label: str, limit: int = 28) -> str:
-    return label if len(label) <= limit else label[: limit - 1] + "…"
+    """A user label fit for a figure: shortened, and '$' escaped so matplotlib never parses it as math."""
+    label = label if len(label) <= limit else label[: limit - 1] + "…"
+    return label.replace("$", r"\$")
 
 
 def metrics_vs_parameter(results: pd.DataFrame, points: list[str], parameter: str) -> str | None:
