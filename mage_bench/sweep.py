@@ -124,8 +124,10 @@ class RunPlan:
     config: Any  # RunConfig, resolved against the sweep's tokenizer
 
     def meta(self, sweep: SweepSpec) -> dict[str, Any]:
+        from mage_bench.results import config_hash
+
         return {"sweep": sweep.name, "run": self.name, "point": self.point, "parameter": sweep.parameter,
-                "value": self.value, "seed": self.seed}
+                "value": self.value, "seed": self.seed, "config_hash": config_hash(self.config)}
 
 
 def find_spec(name_or_path: str) -> Path:
@@ -145,7 +147,8 @@ def find_spec(name_or_path: str) -> Path:
 
 
 def load_spec(name_or_path: str, preset: str | None = None) -> SweepSpec:
-    """The spec with `preset` (default: its `default_preset`) overlaid, validated."""
+    """The spec with `preset` (default: its `default_preset`) overlaid, validated. A preset other than
+    the default renames the sweep to NAME-PRESET, so presets never share run folders."""
     from mage_bench.config import deep_merge, load_yaml
 
     path = find_spec(name_or_path)
@@ -160,6 +163,9 @@ def load_spec(name_or_path: str, preset: str | None = None) -> SweepSpec:
             raise ConfigError(f"{path}: unknown preset {chosen!r}{did_you_mean(chosen, list(presets))}; "
                               f"presets: {', '.join(presets) or 'none'}")
         raw = deep_merge(raw, presets[chosen])
+        if chosen != default and isinstance(raw.get("name"), str):
+            # Each preset is its own sweep (own runs, tokenizer and report): masking-digits, not masking.
+            raw["name"] = f"{raw['name']}-{chosen}"
     try:
         return from_dict(SweepSpec, raw, "")
     except ConfigError as exc:
@@ -454,6 +460,17 @@ def run_status(runs_dir: Path, plan: RunPlan) -> str:
     return "todo"
 
 
+def check_existing_runs(runs_dir: Path, plans: list[RunPlan], spec: SweepSpec) -> None:
+    """A run folder made from another config (an edited spec) is never skipped or resumed silently."""
+    for plan in plans:
+        meta_path = runs_dir / plan.name / RUN_META
+        if meta_path.is_file():
+            stored = json.loads(meta_path.read_text()).get("config_hash")
+            if stored and stored != plan.meta(spec)["config_hash"]:
+                raise UserError(f"{runs_dir / plan.name} was made from another config (the spec changed); "
+                                f"use another --runs folder or delete that run")
+
+
 def dry_run_table(ctx: SweepContext, plans: list[RunPlan]) -> str:
     rows = [("run", "point", ctx.spec.parameter, "seed", "status")]
     rows += [(p.name, p.point, str(p.value), str(p.seed), run_status(ctx.runs_dir, p)) for p in plans]
@@ -518,6 +535,7 @@ def run_sweep(name_or_path: str, preset: str | None = None, executor: str | None
     ctx = SweepContext(spec, runs, report, progress, spec.eval.device)
     tokenizer = spec.tokenizer.path or str(runs / SHARED / "tokenizer")
     plans = expand(spec, tokenizer)
+    check_existing_runs(runs, plans, spec)
     if dry_run:
         return {"dry_run": True, "table": dry_run_table(ctx, plans), "runs": [p.meta(spec) for p in plans]}
     # Slurm jobs choose their device on their node; everything else runs here and needs it here.

@@ -135,6 +135,18 @@ def test_local_sweep_end_to_end_then_skips_done_runs(tmp_path, tiny_tokenizer_di
     assert main(["sweep", str(path), "--runs", str(runs), "--out", str(report)]) == 0
     assert {p: p.stat().st_mtime_ns for p in runs.glob("*/checkpoint.pt")} == mtimes
     pd.testing.assert_frame_equal(before, _results(report))
+    # An edited spec never reuses runs made from the old config.
+    edited = yaml.safe_load(path.read_text())
+    edited["run"]["train"]["steps"] = 7
+    path.write_text(yaml.safe_dump(edited))
+    assert main(["sweep", str(path), "--runs", str(runs), "--out", str(report)]) == 2
+    assert "made from another config" in capsys.readouterr().err
+
+
+def test_presets_are_separate_sweeps():
+    assert load_spec("masking").name == "masking"  # the default preset keeps the plain name
+    assert load_spec("masking", "tiny").name == "masking"
+    assert load_spec("masking", "digits").name == "masking-digits"
 
 
 def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_tokenizer_dir, digits_cnn, capsys):
