@@ -32,6 +32,15 @@ def _plt():
     return plt
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str) -> str:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def _short(label: str, limit: int = 28) -> str:
     """A user label fit for a figure: shortened, and '$' escaped so matplotlib never parses it as math."""
     label = label if len(label) <= limit else label[: limit - 1] + "…"
@@ -132,12 +141,7 @@ def densities(sweep: dict[str, Any]) -> str | None:
         else:
             y = np.array([np.nan if v is None else v for v in d["pdf"]], dtype=float)
             ax.plot(d["x"], y, color=color, label=_short(label))
-    ax.set_xlabel("masking ratio")
-    ax.set_ylabel("density")
-    ax.set_title("masking-ratio distributions swept", fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return _png(fig)
+    return _finish(fig, ax, "masking ratio", "density", "masking-ratio distributions swept")
 
 
 def loss_curves(runs: list[dict[str, Any]], folders: dict[str, Path]) -> str | None:
@@ -161,12 +165,7 @@ def loss_curves(runs: list[dict[str, Any]], folders: dict[str, Path]) -> str | N
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (one line per seed)")
-    ax.set_title("training loss", fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return _png(fig)
+    return _finish(fig, ax, "step", "training loss (one line per seed)", "training loss")
 
 
 def grid_image(folder: Path) -> str | None:
