@@ -18,7 +18,7 @@ from conftest import TINY_MODEL  # noqa: I001  (tests/ is on the path)
 
 from mage_bench.cli import main
 from mage_bench.errors import ConfigError, UserError
-from mage_bench.sweep import expand, load_spec, slug
+from mage_bench.sweep_spec import expand, load_spec, slug
 
 
 def micro_spec(tmp_path: Path, tokenizer: Path, digits_cnn, points=None, seeds=(0,), executor=None,
