@@ -219,8 +219,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from mage_bench.sweep import run_sweep
 
+    slurm = {"partition": args.partition, "gpus_per_node": args.gpus, "timeout_min": args.time_min,
+             "mem_gb": args.mem_gb}
     summary = run_sweep(args.spec, preset=args.preset, executor=args.executor, runs_dir=args.runs,
-                        report_dir=args.out, dry_run=args.dry_run, progress=_progress_enabled(args))
+                        report_dir=args.out, dry_run=args.dry_run, progress=_progress_enabled(args), slurm=slurm)
     if args.dry_run:
         _emit(args, summary, summary["table"])
         return 0
@@ -342,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", help="run folders (default runs/<sweep>)")
     p.add_argument("--out", help="report folder (default reports/<sweep>)")
     p.add_argument("--dry-run", action="store_true", help="print the runs and what would execute; run nothing")
+    p.add_argument("--partition", help="slurm: partition (default: the spec's executor.slurm.partition)")
+    p.add_argument("--gpus", type=int, help="slurm: GPUs per node")
+    p.add_argument("--time-min", type=int, help="slurm: time limit per run, minutes")
+    p.add_argument("--mem-gb", type=int, help="slurm: memory per node, GB")
     _common(p)
     p.set_defaults(func=cmd_sweep)
 

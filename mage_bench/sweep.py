@@ -313,7 +313,7 @@ def write_sweep_file(ctx: SweepContext, plans: list[RunPlan], outcomes: list[dic
 
 def run_sweep(name_or_path: str, preset: str | None = None, executor: str | None = None,
               runs_dir: str | Path | None = None, report_dir: str | Path | None = None, dry_run: bool = False,
-              progress: bool = False) -> dict[str, Any]:
+              progress: bool = False, slurm: dict[str, Any] | None = None) -> dict[str, Any]:
     """Expand, run (skipping DONE runs, resuming interrupted ones), evaluate, report. Returns a summary."""
     import dataclasses
 
@@ -324,6 +324,10 @@ def run_sweep(name_or_path: str, preset: str | None = None, executor: str | None
     check_parameter(spec)
     if executor:
         spec = dataclasses.replace(spec, executor=dataclasses.replace(spec.executor, name=executor))
+    slurm = {k: v for k, v in (slurm or {}).items() if v is not None}
+    if slurm:  # CLI > spec for the Slurm resources
+        spec = dataclasses.replace(spec, executor=dataclasses.replace(
+            spec.executor, slurm=dataclasses.replace(spec.executor.slurm, **slurm)))
     run_executor = EXECUTORS.get(spec.executor.name)
     runs = Path(runs_dir) if runs_dir else Path("runs") / spec.name
     report = Path(report_dir) if report_dir else Path("reports") / spec.name

@@ -188,7 +188,8 @@ def test_report_never_imports_torch(tmp_path, tiny_tokenizer_dir, digits_cnn):
 def test_slurm_executor_through_submitit_local(tmp_path, tiny_tokenizer_dir, digits_cnn):
     executor = {"name": "slurm", "slurm": {"cluster": "local", "timeout_min": 10, "gpus_per_node": 0}}
     path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, executor=executor)
-    assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "report"),
+                 "--time-min", "15", "--mem-gb", "4"]) == 0
     assert len(list((tmp_path / "runs").glob("*/DONE"))) == 2
     assert list((tmp_path / "runs" / "_shared" / "submitit").glob("*_result.pkl"))
 

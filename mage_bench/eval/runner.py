@@ -154,6 +154,7 @@ def evaluate_generation(fake: str | Path | Any, real: str, metrics: tuple[str, .
         raise UserError(f"unknown generation metric {sorted(unknown)[0]!r}; use {', '.join(FLAG_METRICS)}")
     check_backend(backend, metrics)  # typos and unsupported metrics fail before any work
     spec = FID_EXTRACTORS.get(extractor or default_extractor(real))
+    weights_file = spec.resolve_weights(weights, progress)  # a missing file fails before any generation
     cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
 
     run = fake if isinstance(fake, LoadedRun) else None
@@ -183,7 +184,7 @@ def evaluate_generation(fake: str | Path | Any, real: str, metrics: tuple[str, .
         real_set, dataset, real_split = dataset_reference(data, split, cache, progress), real, split
 
     request = Request(fake=fake_set, real=real_set, metrics=frozenset(metrics), extractor=spec,
-                      weights=spec.resolve_weights(weights, progress), device=device, cache_dir=cache, seed=seed,
+                      weights=weights_file, device=device, cache_dir=cache, seed=seed,
                       progress=progress)
     values = generation_metrics(request, backend)
     extra_all = {"backend": backend, "n_real": real_set.count, "standard_extractor": spec.standard,
