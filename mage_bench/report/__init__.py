@@ -100,10 +100,10 @@ def build_report(paths: list[str | Path], out_dir: str | Path) -> Path:
     atomic_write_text(out / SUMMARY_CSV, summary.to_csv(index=False))
 
     sweep = collected.sweeps[0] if collected.sweeps else {}
-    points = [p["label"] for p in sweep.get("points", [])] or sorted(set(results.get("point", [])) -
-                                                                   set(results[results["role"] == "reference"]["point"])
-                                                                   if not results.empty else [])
     references = sorted(set(results[results["role"] == "reference"]["point"])) if not results.empty else []
+    points = [p["label"] for p in sweep.get("points", [])]  # the spec's order
+    if not points and not results.empty:  # plain run folders: one point per run
+        points = sorted(set(results["point"]) - set(references))
     runs = sweep.get("runs") or [{"run": name, "point": name} for name in collected.folders]
     noise = _noise(results, points) if not results.empty else []
     seeds = sweep.get("seeds", [])
@@ -123,7 +123,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path) -> Path:
                    "png": figures.grid_image(collected.folders[r["run"]])}
                   for r in runs if r["run"] in collected.folders and figures.grid_image(collected.folders[r["run"]])],
         "failed": collected.failed,
-        "nonstandard": [e for e in extractors if e not in ("inception-v3",) and e in set(gen.get("feature_extractor", []))],
+        "nonstandard": sorted(set(gen["feature_extractor"]) - {"inception-v3"}) if len(gen) else [],
         "extractors": extractors,
         "samples": {"generated": int(gen["n_samples"].max()) if len(gen) else None,
                     "real": int(gen["n_real"].max()) if len(gen) and "n_real" in gen else None,

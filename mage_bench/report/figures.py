@@ -36,7 +36,8 @@ def _finish(fig, ax, xlabel: str, ylabel: str, title: str) -> str:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _png(fig)
 
@@ -124,7 +125,8 @@ def tradeoff(results: pd.DataFrame, points: list[str]) -> str | None:
     ax.set_ylabel("linear probe top-1 (higher is better) →")
     ax.set_title("generation vs representation (mean ± std over seeds)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=7)
     return _png(fig)
 
 
