@@ -273,3 +273,21 @@ def test_eval_all_writes_every_record_from_one_feature_pass(tmp_path, tiny_run_l
     assert all(r["feature_extractor"] == "mage-probe" for r in written["linear"])
     # One feature pass: one cached array per split, shared by linear, few-shot and kNN.
     assert len(list((run / "eval" / "cache").glob("features-*.labels.npy"))) == 2
+
+
+def test_no_inception_weights_and_no_internet_says_where_to_put_them(tmp_path, monkeypatch):
+    import urllib.error
+
+    from mage_bench.eval.extractors import INCEPTION_ENV, INCEPTION_FILE, resolve_inception_weights
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.delenv(INCEPTION_ENV, raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(UserError) as info:
+        resolve_inception_weights(None)
+    message = str(info.value)
+    assert str(tmp_path / "hub" / "checkpoints" / INCEPTION_FILE) in message and "--weights" in message
+    assert "\n" not in message
