@@ -76,7 +76,7 @@ def run_slurm(ctx: Any, plans: list[Any]) -> list[dict[str, Any]]:
                                gpus_per_node=options.gpus_per_node, cpus_per_task=options.cpus_per_task,
                                nodes=options.nodes, slurm_partition=options.partition)
     todo = [plan for plan in plans if not (ctx.runs_dir / plan.name / DONE_FILE).is_file()]
-    outcomes = [{"run": plan.name, "status": "done", "skipped": True} for plan in plans if plan not in todo]
+    outcomes = {plan.name: {"run": plan.name, "status": "done", "skipped": True} for plan in plans if plan not in todo}
     # The device is chosen on the node that runs the job ("auto" there), not here.
     jobs = [(plan, executor.submit(execute_run, plan, ctx.spec, ctx.runs_dir, ctx.spec.eval.device, False))
             for plan in todo]
@@ -84,9 +84,9 @@ def run_slurm(ctx: Any, plans: list[Any]) -> list[dict[str, Any]]:
         bar.update(len(outcomes))
         for plan, job in jobs:
             try:
-                outcomes.append(job.result())
+                outcomes[plan.name] = job.result()
             except Exception as exc:  # the job itself died (timeout, preemption, node failure)
-                outcomes.append({"run": plan.name, "status": "failed",
-                                 "error": f"slurm job {job.job_id}: {str(exc).splitlines()[0] if str(exc) else exc!r}"})
+                detail = str(exc).splitlines()[0] if str(exc) else repr(exc)
+                outcomes[plan.name] = {"run": plan.name, "status": "failed", "error": f"slurm job {job.job_id}: {detail}"}
             bar.update(1)
-    return outcomes
+    return [outcomes[plan.name] for plan in plans]  # in plan order, as the other executors

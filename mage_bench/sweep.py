@@ -289,6 +289,8 @@ def write_sweep_file(ctx: SweepContext, plans: list[RunPlan], outcomes: list[dic
 
     runs = []
     for plan, outcome in zip(plans, outcomes, strict=True):
+        if outcome["run"] != plan.name:
+            raise RuntimeError(f"executor returned {outcome['run']} where {plan.name} was expected")
         timing_path = ctx.runs_dir / plan.name / TIMING_FILE
         timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
         runs.append({**plan.meta(ctx.spec), "status": outcome["status"], "error": outcome.get("error"),

@@ -192,6 +192,12 @@ def test_slurm_executor_through_submitit_local(tmp_path, tiny_tokenizer_dir, dig
                  "--time-min", "15", "--mem-gb", "4"]) == 0
     assert len(list((tmp_path / "runs").glob("*/DONE"))) == 2
     assert list((tmp_path / "runs" / "_shared" / "submitit").glob("*_result.pkl"))
+    # Rerun with the first run's DONE removed: one job, the other run skipped, statuses in plan order.
+    first = json.loads((tmp_path / "runs" / "sweep.json").read_text())["runs"][0]["run"]
+    (tmp_path / "runs" / first / "DONE").unlink()
+    assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    runs = json.loads((tmp_path / "runs" / "sweep.json").read_text())["runs"]
+    assert [(r["run"] == first, r["skipped"]) for r in runs] == [(True, False), (False, True)]
 
 
 def test_torchrun_executor_trains_with_two_processes(tmp_path, tiny_tokenizer_dir, digits_cnn):
