@@ -59,7 +59,7 @@ def metrics_vs_parameter(results: pd.DataFrame, points: list[str], parameter: st
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
     x = np.arange(len(points))
     styles = {"reference: untrained model": ("0.4", "--"), "reference: raw pixels": ("tab:green", ":"),
-              "reference: real held-out images": ("tab:green", ":")}
+              "reference: real held-out images": ("tab:olive", ":")}
     for ax, headline in zip(axes.flat, present, strict=False):
         data = select(results, headline)
         runs = data[data["role"] == "run"]
@@ -80,6 +80,9 @@ def metrics_vs_parameter(results: pd.DataFrame, points: list[str], parameter: st
     for ax in list(axes.flat)[len(present):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6, loc="best")
+    first_generation = next((i for i, h in enumerate(present) if h.generation), None)
+    if first_generation:  # the generation panels have their own reference (real held-out images)
+        axes.flat[first_generation].legend(fontsize=6, loc="best")
     fig.suptitle(f"each metric against {parameter}", fontsize=10)
     fig.tight_layout()
     return _png(fig)
@@ -115,11 +118,17 @@ def tradeoff(results: pd.DataFrame, points: list[str]) -> str | None:
     if len(front) > 1:
         ax.plot([f[0] for f in front], [f[1] for f in front], color="tab:red", linewidth=1.2, label="Pareto front")
     ax.scatter([f[0] for f in front], [f[1] for f in front], s=90, facecolors="none", edgecolors="tab:red")
-    for name, marker in (("reference: untrained model", "x"),):
-        g = gen[gen["point"] == name]["value"]
-        r = rep[rep["point"] == name]["value"]
-        if not g.empty and not r.empty:
-            ax.scatter(g.mean(), r.mean(), marker=marker, color="0.4", label=name)
+    name = "reference: untrained model"
+    g, r = gen[gen["point"] == name]["value"], rep[rep["point"] == name]["value"]
+    if not g.empty and not r.empty and coords:
+        xs, ys = [c[0] for c in coords], [c[1] for c in coords]
+        span_x, span_y = max(max(xs) - min(xs), 1e-9), max(max(ys) - min(ys), 1e-9)
+        # Far off, the reference would squeeze the sweep points into a corner: name it instead.
+        if g.mean() > max(xs) + 3 * span_x or r.mean() < min(ys) - 3 * span_y:
+            ax.scatter([], [], marker="x", color="0.4",
+                       label=f"untrained model (off the axes): {g.mean():.3g}, {r.mean():.3f}")
+        else:
+            ax.scatter(g.mean(), r.mean(), marker="x", color="0.4", label=name)
     label = headline_label(HEADLINES[4], set(gen["feature_extractor"]))
     ax.set_xlabel(f"{label} (lower is better) →")
     ax.set_ylabel("linear probe top-1 (higher is better) →")
