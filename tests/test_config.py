@@ -95,3 +95,16 @@ def test_missing_config_file(tmp_path):
 def test_job_validation_catches_size_mismatch():
     with pytest.raises(ConfigError, match="data.image_size=32 differs from tokenizer.resolution=16"):
         resolve_config(TokenizerJobConfig, {"data": {"image_size": 32}})
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    import os
+
+    from mage_bench.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
