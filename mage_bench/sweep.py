@@ -167,9 +167,9 @@ def raw_pixel_features(data: Any, split: str) -> tuple[Any, Any]:
 def compute_references(ctx: SweepContext, plans: list[RunPlan]) -> None:
     """Raw pixels and real held-out images (records in _reference/*.json) and the untrained model
     (a run folder in _reference/untrained, evaluated like the runs). Each is computed once."""
-
     from mage_bench.eval.generation import dataset_reference
     from mage_bench.eval.runner import EVAL_ALL, EVALUATORS, evaluate_generation, evaluate_run
+    from mage_bench.io import atomic_write_json, atomic_write_text
     from mage_bench.results import ResultRecord, config_hash, write_records
     from mage_bench.runs import DONE_FILE, SAMPLES_DIR, load_run
     from mage_bench.sampling import generate_images
@@ -199,8 +199,6 @@ def compute_references(ctx: SweepContext, plans: list[RunPlan]) -> None:
                                       backend=spec.eval.backend, weights=spec.eval.weights,
                                       split=spec.eval.real_split, cache_dir=ctx.cache, device=ctx.device,
                                       progress=ctx.progress, sweep=spec.name)
-        from mage_bench.io import atomic_write_json
-
         atomic_write_json(real_file, [{**r, "run": f"reference-real-{other}"} for r in records])
     untrained = folder / "untrained"
     if not (untrained / DONE_FILE).is_file():
@@ -213,7 +211,7 @@ def compute_references(ctx: SweepContext, plans: list[RunPlan]) -> None:
                             backend=spec.eval.backend, weights=spec.eval.weights, split=spec.eval.real_split,
                             cache_dir=ctx.cache, device=ctx.device, seed=first.seed, progress=ctx.progress,
                             sweep=spec.name)
-        (untrained / DONE_FILE).write_text("{}\n")
+        atomic_write_text(untrained / DONE_FILE, "{}\n")
     ctx.timings["references_s"] = time.perf_counter() - tic
 
 
