@@ -18,7 +18,3 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, unsafe, or does not match the architecture it is loaded into."""
-
-
-class NotImplementedYet(UserError):
-    """A contract subcommand whose implementation has not landed yet (exit 2, never a pretend result)."""

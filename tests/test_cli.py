@@ -23,14 +23,15 @@ def test_help_lists_every_contract_command(capsys):
         assert command in text
 
 
-@pytest.mark.parametrize("argv", [
-    ["sweep", "masking"],
-    ["report", "runs/masking", "--out", "reports/masking"],
+@pytest.mark.parametrize(("argv", "message"), [
+    (["sweep", "masking", "--preset", "hughe", "--dry-run"], "unknown preset 'hughe'"),
+    (["report", "no/such/runs", "--out", "reports/x"], "is not a folder of runs"),
+    (["report", "runs"], "needs --out"),
 ])
-def test_unbuilt_commands_say_so_and_exit_2(argv, capsys):
+def test_sweep_and_report_bad_input_is_one_line(argv, message, capsys):
     assert main(argv) == 2
     captured = capsys.readouterr()
-    assert "is not implemented yet" in captured.err and captured.err.count("\n") == 1
+    assert message in captured.err and captured.err.count("\n") == 1
     assert captured.out == ""
 
 
