@@ -7,7 +7,8 @@ Both sides are folders of images by the time a backend sees them:
   the paper's PNG reference set; the images are the data pipeline's eval view: resize + centre crop).
 
 Folders are checked first: no images, unreadable files or mixed sizes are one-line errors. Grayscale,
-palette and RGBA images are converted to RGB (alpha dropped), as both libraries do on load.
+palette and RGBA images are converted to RGB (alpha dropped), as both libraries do on load. In a folder
+written by `mage-bench generate` (it holds generation.json) the preview grid.png is not a sample.
 
 Reference statistics are cached per (reference, resolution, extractor + weights, N): torch-fidelity
 keeps them in its own cache under `<cache>/torch-fidelity` (named by that key), clean-fid's features
