@@ -213,7 +213,8 @@ def test_eval_fid_cli_on_a_run_writes_records(tmp_path, tiny_run_layer, digits_c
 # Bad input
 
 
-def test_mixed_sizes_and_empty_folders_are_one_line_errors(tmp_path, capsys):
+def test_mixed_sizes_and_empty_folders_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written into the checkout (e.g. models/digits-cnn)
     mixed = tmp_path / "mixed"
     _folder(mixed, _smooth_images(2, 16, seed=0))
     Image.fromarray(_smooth_images(1, 32, seed=1)[0]).save(mixed / "zz.png")
@@ -223,6 +224,7 @@ def test_mixed_sizes_and_empty_folders_are_one_line_errors(tmp_path, capsys):
         code = main(["eval", "fid", "--real", "digits", "--fake", str(fake), "--cache", str(tmp_path / "c")])
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "models").exists()  # the folder checks come before the extractor is prepared
 
 
 def test_unreadable_image_and_bad_choices(tmp_path, capsys):

@@ -154,12 +154,13 @@ def evaluate_generation(fake: str | Path | Any, real: str, metrics: tuple[str, .
         raise UserError(f"unknown generation metric {sorted(unknown)[0]!r}; use {', '.join(FLAG_METRICS)}")
     check_backend(backend, metrics)  # typos and unsupported metrics fail before any work
     spec = FID_EXTRACTORS.get(extractor or default_extractor(real))
-    weights_file = spec.resolve_weights(weights, progress)  # a missing file fails before any generation
     cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
 
     run = fake if isinstance(fake, LoadedRun) else None
     if run is None and (Path(fake) / CHECKPOINT_FILE).is_file():
         run = load_run(fake, device)
+    fake_set = resolve_fake(str(fake), num) if run is None else None  # cheap folder checks first
+    weights_file = spec.resolve_weights(weights, progress)  # then the weights, before any generation
     if run is not None:
         if num is None:
             raise UserError(f"--fake {run.path} is a run: say how many images to generate with --num N")
@@ -168,8 +169,6 @@ def evaluate_generation(fake: str | Path | Any, real: str, metrics: tuple[str, .
         if fake_set.count != num:
             raise UserError(f"{run.path / SAMPLES_DIR} holds {fake_set.count} images, not {num}; "
                             f"pass --num {fake_set.count} or empty the folder")
-    else:
-        fake_set = resolve_fake(str(fake), num)
 
     if Path(real).is_dir():
         real_set, dataset, real_split = scan_folder(real), str(real), "folder"
