@@ -180,6 +180,7 @@ def expand(spec: SweepSpec, tokenizer: str) -> list[RunPlan]:
     import copy
 
     from mage_bench.config import RunConfig, deep_merge, resolve_config
+    from mage_bench.mage.masking import resolve_masking
 
     plans = []
     for i, point in enumerate(spec.points):
@@ -191,20 +192,11 @@ def expand(spec: SweepSpec, tokenizer: str) -> list[RunPlan]:
         for seed in spec.seeds:
             try:
                 config = resolve_config(RunConfig, {**layer, "seed": seed})
-                _check_masking(config)
+                resolve_masking(config.masking.spec, config.masking.mask_ratio_min)  # what training would refuse
             except (ConfigError, UserError, ValueError) as exc:
                 raise ConfigError(f"points[{i}] ({point.label!r}): {exc}") from None
             plans.append(RunPlan(f"{slug(point.label)}-{digest}-s{seed}", point.label, point.value, seed, config))
     return plans
-
-
-def _check_masking(config: Any) -> None:
-    """What training would refuse about the masking, refused before anything runs."""
-    from mage_bench.mage.masking import check_mask_ratio_min, create_masking
-
-    distribution = create_masking(config.masking.spec)
-    low = config.masking.mask_ratio_min
-    check_mask_ratio_min(distribution, distribution.support()[0] if low is None else low)
 
 
 def check_parameter(spec: SweepSpec) -> None:

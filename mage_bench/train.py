@@ -41,8 +41,8 @@ from mage_bench.io import (
 from mage_bench.mage.contrastive import ProjectionHead, info_nce, pool_encoder_output
 from mage_bench.mage.masking import (
     batch_ratios,
-    check_mask_ratio_min,
     create_masking,
+    resolve_masking,
     sample_token_masks,
 )
 from mage_bench.mage.model import MAGE, mage_loss
@@ -61,11 +61,7 @@ def resolve_run_config(config: RunConfig) -> RunConfig:
     """Validate across sections and replace automatic choices by what will actually run."""
     from mage_bench.tokenizer import tokenizer_config_at
 
-    distribution = create_masking(config.masking.spec)
-    mask_ratio_min = config.masking.mask_ratio_min
-    if mask_ratio_min is None:
-        mask_ratio_min = distribution.support()[0]
-    check_mask_ratio_min(distribution, mask_ratio_min)
+    distribution, mask_ratio_min = resolve_masking(config.masking.spec, config.masking.mask_ratio_min)
     augment = config.train.augment
     if augment == "auto":
         if is_in_memory(config.data):

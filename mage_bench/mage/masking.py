@@ -269,6 +269,16 @@ def check_mask_ratio_min(distribution: MaskingDistribution, mask_ratio_min: floa
                           f"set mask_ratio_min <= {lo} or raise the distribution's lower bound")
 
 
+def resolve_masking(spec: str, mask_ratio_min: float | None) -> tuple[MaskingDistribution, float]:
+    """The distribution and the share always dropped (None: the distribution's lower bound, as
+    officially), checked against each other."""
+    distribution = create_masking(spec)
+    if mask_ratio_min is None:
+        mask_ratio_min = distribution.support()[0]
+    check_mask_ratio_min(distribution, mask_ratio_min)
+    return distribution, mask_ratio_min
+
+
 def sample_token_masks(ratios: torch.Tensor, seq_len: int, mask_ratio_min: float,
                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row random token order; the lowest-ranked are dropped, a longer prefix is masked.
