@@ -73,10 +73,8 @@ def execute_run(plan: RunPlan, spec: SweepSpec, runs_dir: Path, device: str, pro
 
     `train_command`: run training as this subprocess instead (the torchrun executor); the rest runs here.
     """
-    from mage_bench.eval.runner import EVAL_ALL, evaluate_generation, evaluate_run
     from mage_bench.io import atomic_write_json, atomic_write_text
-    from mage_bench.runs import DONE_FILE, SAMPLES_DIR, load_run, resolve_device
-    from mage_bench.sampling import generate_images
+    from mage_bench.runs import DONE_FILE, resolve_device
     from mage_bench.train import TrainingFailed, train
 
     device = resolve_device(device)
@@ -94,18 +92,7 @@ def execute_run(plan: RunPlan, spec: SweepSpec, runs_dir: Path, device: str, pro
         timing["train_s"] = time.perf_counter() - tic
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / RUN_META, plan.meta(spec))
-        run = load_run(run_dir, device)
-        num = spec.eval.num_samples or _reference_count(plan.config, spec)
-        tic = time.perf_counter()
-        generate_images(run, num, run_dir / SAMPLES_DIR, progress=progress, device=device)
-        timing["generation_s"] = time.perf_counter() - tic
-        tic = time.perf_counter()
-        evaluate_run(run, list(EVAL_ALL), progress=progress, device=device, sweep=spec.name)
-        evaluate_generation(run, plan.config.data.name, ("fid", "isc", "kid"), num=num,
-                            extractor=spec.eval.extractor, backend=spec.eval.backend, weights=spec.eval.weights,
-                            split=spec.eval.real_split, cache_dir=runs_dir / SHARED / "cache", device=device,
-                            seed=plan.seed, progress=progress, sweep=spec.name)
-        timing["evaluation_s"] = time.perf_counter() - tic
+        timing.update(evaluate_run_folder(run_dir, spec, runs_dir / SHARED / "cache", device, progress))
     except Exception as exc:  # recorded and reported; the sweep goes on and its exit code says so
         expected = isinstance(exc, (TrainingFailed, UserError, subprocess.CalledProcessError))
         lines = str(exc).splitlines() or [""]
@@ -116,6 +103,22 @@ def execute_run(plan: RunPlan, spec: SweepSpec, runs_dir: Path, device: str, pro
     atomic_write_json(run_dir / TIMING_FILE, timing)
     atomic_write_text(run_dir / DONE_FILE, json.dumps({"finished_at": time.time()}) + "\n")  # written last
     return {"run": plan.name, "status": "done", "skipped": False, **timing}
+
+
+def evaluate_run_folder(run_dir: Path, spec: SweepSpec, cache: Path, device: str, progress: bool) -> dict[str, float]:
+    """Generate the run's samples, then `eval all` on them; returns the two stages' times."""
+    from mage_bench.eval.runner import evaluate_all, reference_count
+    from mage_bench.runs import SAMPLES_DIR, load_run
+    from mage_bench.sampling import generate_images
+
+    run = load_run(run_dir, device)
+    num = spec.eval.num_samples or reference_count(run.config.data, spec.eval.real_split)
+    tic = time.perf_counter()
+    generate_images(run, num, run_dir / SAMPLES_DIR, progress=progress, device=device)
+    generated = time.perf_counter()
+    evaluate_all(run, num=num, extractor=spec.eval.extractor, backend=spec.eval.backend, weights=spec.eval.weights,
+                 split=spec.eval.real_split, cache_dir=cache, device=device, progress=progress, sweep=spec.name)
+    return {"generation_s": generated - tic, "evaluation_s": time.perf_counter() - generated}
 
 
 def _train_subprocess(plan: RunPlan, run_dir: Path, command: list[str]) -> None:
@@ -131,12 +134,6 @@ def _train_subprocess(plan: RunPlan, run_dir: Path, command: list[str]) -> None:
                        check=True)
     finally:
         Path(handle.name).unlink(missing_ok=True)
-
-
-def _reference_count(config: Any, spec: SweepSpec) -> int:
-    from mage_bench.data import create_dataset
-
-    return len(create_dataset(config.data, spec.eval.real_split, train_transform=False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,11 +165,10 @@ def compute_references(ctx: SweepContext, plans: list[RunPlan]) -> None:
     """Raw pixels and real held-out images (records in _reference/*.json) and the untrained model
     (a run folder in _reference/untrained, evaluated like the runs). Each is computed once."""
     from mage_bench.eval.generation import dataset_reference
-    from mage_bench.eval.runner import EVAL_ALL, EVALUATORS, evaluate_generation, evaluate_run
+    from mage_bench.eval.runner import EVAL_ALL, EVALUATORS, evaluate_generation
     from mage_bench.io import atomic_write_json, atomic_write_text
     from mage_bench.results import ResultRecord, config_hash, write_records
-    from mage_bench.runs import DONE_FILE, SAMPLES_DIR, load_run
-    from mage_bench.sampling import generate_images
+    from mage_bench.runs import DONE_FILE
     from mage_bench.train import save_initial_checkpoint
 
     spec, first = ctx.spec, plans[0].config
@@ -203,14 +199,7 @@ def compute_references(ctx: SweepContext, plans: list[RunPlan]) -> None:
     untrained = folder / "untrained"
     if not (untrained / DONE_FILE).is_file():
         save_initial_checkpoint(first, untrained)
-        run = load_run(untrained, ctx.device)
-        num = spec.eval.num_samples or _reference_count(first, spec)
-        generate_images(run, num, untrained / SAMPLES_DIR, progress=ctx.progress, device=ctx.device)
-        evaluate_run(run, list(EVAL_ALL), device=ctx.device, progress=ctx.progress, sweep=spec.name)
-        evaluate_generation(run, first.data.name, ("fid", "isc", "kid"), num=num, extractor=spec.eval.extractor,
-                            backend=spec.eval.backend, weights=spec.eval.weights, split=spec.eval.real_split,
-                            cache_dir=ctx.cache, device=ctx.device, seed=first.seed, progress=ctx.progress,
-                            sweep=spec.name)
+        evaluate_run_folder(untrained, spec, ctx.cache, ctx.device, ctx.progress)
         atomic_write_text(untrained / DONE_FILE, "{}\n")
     ctx.timings["references_s"] = time.perf_counter() - tic
 

@@ -149,6 +149,7 @@ def evaluate_generation(fake: str | Path | Any, real: str, metrics: tuple[str, .
     from mage_bench.runs import CHECKPOINT_FILE, EVAL_DIR, SAMPLES_DIR, LoadedRun, load_run
     from mage_bench.sampling import generate_images
 
+    metrics = tuple(dict.fromkeys(metrics))  # asked twice (e.g. eval all --kid) is computed once
     unknown = set(metrics) - set(FLAG_METRICS)
     if unknown:
         raise UserError(f"unknown generation metric {sorted(unknown)[0]!r}; use {', '.join(FLAG_METRICS)}")
@@ -210,25 +211,32 @@ def evaluate_generation(fake: str | Path | Any, real: str, metrics: tuple[str, .
     return [r.as_dict() for r in records]
 
 
-def evaluate_all(run_dir: str | Path, data_name: str | None = None,
+def evaluate_all(run_dir: str | Path | Any, data_name: str | None = None,
                  generation: tuple[str, ...] = ("fid", "isc", "kid"), num: int | None = None,
                  extractor: str | None = None, backend: str = "torch-fidelity", weights: str | None = None,
                  split: str = "train", cache_dir: str | Path | None = None, device: str = "cpu",
-                 progress: bool = False) -> dict[str, list[dict[str, Any]]]:
+                 progress: bool = False, sweep: str | None = None) -> dict[str, list[dict[str, Any]]]:
     """One load and one feature pass for linear, few-shot and kNN, then FID (+IS/KID) of `num` samples.
 
-    `num` defaults to the number of reference images (the `split` of the run's data set), so both
-    sides of the Fréchet distance have the same count. Writes RUN/eval/{linear,fewshot,knn,fid}.json.
+    `run_dir` is a run folder or a `LoadedRun`. `num` defaults to the number of reference images
+    (the `split` of the run's data set), so both sides of the Fréchet distance have the same count.
+    Writes RUN/eval/{linear,fewshot,knn,fid}.json.
     """
-    from mage_bench.data import create_dataset
-    from mage_bench.runs import load_run
+    from mage_bench.runs import LoadedRun, load_run
 
-    run = load_run(run_dir, device)
+    run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, device)
     data = run_data_config(run.config, data_name)
     if num is None:
-        num = len(create_dataset(data, split, train_transform=False))
-    written = evaluate_run(run, list(EVAL_ALL), data_name=data_name, progress=progress, device=device)
+        num = reference_count(data, split)
+    written = evaluate_run(run, list(EVAL_ALL), data_name=data_name, progress=progress, device=device, sweep=sweep)
     written["fid"] = evaluate_generation(run, data.name, generation, num=num, extractor=extractor, backend=backend,
                                          weights=weights, split=split, cache_dir=cache_dir, device=device,
-                                         seed=run.config.seed, progress=progress)
+                                         seed=run.config.seed, progress=progress, sweep=sweep)
     return written
+
+
+def reference_count(data: DataConfig, split: str) -> int:
+    """Images in the reference split: the default number of samples for the generation metrics."""
+    from mage_bench.data import create_dataset
+
+    return len(create_dataset(data, split, train_transform=False))
