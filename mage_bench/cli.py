@@ -16,6 +16,7 @@ from typing import Any
 
 from mage_bench import __version__
 from mage_bench.errors import UserError
+from mage_bench.runs import resolve_device
 
 EXAMPLES = """\
 examples:
@@ -37,12 +38,6 @@ def _emit(args: argparse.Namespace, document: Any, human: str) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Commands
-
-
-def resolve_device(name: str) -> str:
-    from mage_bench.runs import resolve_device as resolve
-
-    return resolve(name)
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
@@ -164,17 +159,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"`mage-bench eval {args.evaluator}` needs --run RUN_DIR")
     from mage_bench.eval.runner import evaluate_run
 
-    name, options = args.evaluator, {}
+    name, options, device = args.evaluator, {}, resolve_device(args.device)
     if args.protocol == "mae":
         if args.evaluator != "linear":
             raise UserError("--protocol mae applies to `eval linear` only")
         name = "linear-mae"
         options = {name: {k: v for k, v in (("epochs", args.probe_epochs), ("batch_size", args.probe_batch_size),
                                              ("blr", args.probe_blr)) if v is not None}}
-        options[name]["device"] = resolve_device(args.device)
+        options[name]["device"] = device
     # The run's own data settings (image size, split) apply; --data only swaps the data set.
     written = evaluate_run(args.run, [name], data_name=args.data, progress=_progress_enabled(args),
-                           device=resolve_device(args.device), options=options)
+                           device=device, options=options)
     records = written[name]
     lines = [_record_line(r) for r in records]
     _emit(args, records, "\n".join(lines) + f"\nrecords: {args.run}/eval/{name}.json")
@@ -206,12 +201,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     for name in args.models:
         MODEL_PRESETS.get(name)  # a typo is a one-line error before anything is timed
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is visible")
-    results = bench_train(args.models, args.batch_size, args.steps, args.device)
+    results = bench_train(args.models, args.batch_size, args.steps, resolve_device(args.device))
     _emit(args, [r.as_dict() for r in results], format_table(results))
     return 0
 

@@ -29,36 +29,32 @@ def _bar(ctx: Any, total: int):
                 position=0, dynamic_ncols=True)
 
 
-@EXECUTORS.register("local")
-def run_local(ctx: Any, plans: list[Any]) -> list[dict[str, Any]]:
+def _one_after_another(ctx: Any, plans: list[Any], train_command: list[str] | None = None) -> list[dict[str, Any]]:
     from mage_bench.sweep import execute_run
 
-    outcomes = []
-    with _bar(ctx, len(plans)) as bar:
-        for plan in plans:
-            bar.set_postfix_str(plan.name)
-            outcomes.append(execute_run(plan, ctx.spec, ctx.runs_dir, ctx.device, progress=False))
-            bar.update(1)
-    return outcomes
-
-
-@EXECUTORS.register("torchrun")
-def run_torchrun(ctx: Any, plans: list[Any]) -> list[dict[str, Any]]:
-    from mage_bench.sweep import execute_run
-
-    nproc = ctx.spec.executor.nproc_per_node
-    if nproc < 1:
-        raise UserError(f"executor.nproc_per_node must be >= 1, got {nproc}")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "mage_bench.cli"]
     outcomes = []
     with _bar(ctx, len(plans)) as bar:
         for plan in plans:
             bar.set_postfix_str(plan.name)
             outcomes.append(execute_run(plan, ctx.spec, ctx.runs_dir, ctx.device, progress=False,
-                                        train_command=command))
+                                        train_command=train_command))
             bar.update(1)
     return outcomes
+
+
+@EXECUTORS.register("local")
+def run_local(ctx: Any, plans: list[Any]) -> list[dict[str, Any]]:
+    return _one_after_another(ctx, plans)
+
+
+@EXECUTORS.register("torchrun")
+def run_torchrun(ctx: Any, plans: list[Any]) -> list[dict[str, Any]]:
+    nproc = ctx.spec.executor.nproc_per_node
+    if nproc < 1:
+        raise UserError(f"executor.nproc_per_node must be >= 1, got {nproc}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "mage_bench.cli"]
+    return _one_after_another(ctx, plans, train_command=command)
 
 
 @EXECUTORS.register("slurm")
