@@ -25,6 +25,17 @@ def check_features(name: str, x: np.ndarray, labels: np.ndarray | None = None, m
     return x.astype(np.float64, copy=False)
 
 
+def top1_top5(scores: np.ndarray, labels: np.ndarray, classes: np.ndarray | None = None) -> tuple[float, float]:
+    """Accuracy of the highest score and of the five highest, per row of `scores` [N, C].
+
+    Column j is class `classes[j]` (default j). Ties go to the lower column (stable sort)."""
+    ranking = np.argsort(-scores, axis=1, kind="stable")
+    if classes is not None:
+        ranking = np.asarray(classes)[ranking]
+    labels = np.asarray(labels)
+    return float((ranking[:, 0] == labels).mean()), float((ranking[:, :5] == labels[:, None]).any(axis=1).mean())
+
+
 def l2_normalise(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (all-zero rows stay zero)."""
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mage_bench.eval import check_features, l2_normalise
+from mage_bench.eval import check_features, l2_normalise, top1_top5
 
 KEY_TOP1, KEY_TOP5 = "top1", "top5"
 
@@ -36,9 +36,7 @@ def knn_classify(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     votes = np.zeros((test.shape[0], num_classes))
     np.add.at(votes, (np.arange(test.shape[0])[:, None], train_y[idx]), np.exp(sims.astype(np.float64) / temperature))
-    ranking = np.argsort(-votes, axis=1, kind="stable")  # ties: the lower class id first
-    top1 = float((ranking[:, 0] == test_y).mean())
-    top5 = float((ranking[:, :5] == test_y[:, None]).any(axis=1).mean())
+    top1, top5 = top1_top5(votes, test_y)  # ties: the lower class id first
     return {KEY_TOP1: top1, KEY_TOP5: top5, "k": k}
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from mage_bench.errors import UserError
-from mage_bench.eval import blas_threads_for, check_features
+from mage_bench.eval import blas_threads_for, check_features, top1_top5
 
 KEY_TOP1, KEY_TOP5 = "top1", "top5"
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -27,8 +27,7 @@ def _topk(model, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     scores = model.decision_function(x)
     if scores.ndim == 1:  # two classes
         scores = np.stack([-scores, scores], axis=1)
-    ranking = model.classes_[np.argsort(-scores, axis=1, kind="stable")]
-    return float((ranking[:, 0] == y).mean()), float((ranking[:, :5] == y[:, None]).any(axis=1).mean())
+    return top1_top5(scores, y, model.classes_)
 
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
@@ -131,8 +130,5 @@ def linear_probe_mae(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
     norm.eval(), head.eval()
     with torch.no_grad():
         scores = head(norm(torch.as_tensor(test_x, dtype=torch.float32, device=device))).cpu().numpy()
-    ranking = np.argsort(-scores, axis=1, kind="stable")
-    test_y = np.asarray(test_y)
-    return {KEY_TOP1: float((ranking[:, 0] == test_y).mean()),
-            KEY_TOP5: float((ranking[:, :5] == test_y[:, None]).any(axis=1).mean()),
-            "lr": lr, "epochs": epochs, "batch_size": batch_size}
+    top1, top5 = top1_top5(scores, test_y)
+    return {KEY_TOP1: top1, KEY_TOP5: top5, "lr": lr, "epochs": epochs, "batch_size": batch_size}
