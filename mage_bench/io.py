@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -38,6 +39,16 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+_UNSAFE = re.compile(r"[^a-z0-9._-]+")
+
+
+def slug(text: str, limit: int = 40, empty: str = "point") -> str:
+    """A file name from user text: lower-case ASCII letters, digits, '.', '_' and '-' only; never
+    empty, never '.' or '..', so it cannot leave the folder it is joined to."""
+    out = _UNSAFE.sub("-", text.lower()).strip("-.")[:limit].strip("-.")
+    return out or empty
 
 
 def _umask() -> int:

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mage_bench.config import from_dict, to_dict
 from mage_bench.errors import ConfigError, UserError
+from mage_bench.io import slug
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 BUILTIN_SPECS = ("masking", "contrastive")
-_SAFE = re.compile(r"[^a-z0-9._-]+")
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,7 @@ class SweepSpec:
     executor: ExecutorOptions = field(default_factory=ExecutorOptions)
 
     def validate(self, path: str) -> None:
-        if not self.name or _SAFE.sub("-", self.name.lower()) != self.name:
+        if not self.name or slug(self.name, limit=len(self.name)) != self.name:
             raise ConfigError(f"{path}.name must be lower-case letters, digits, '.', '_' or '-' (got {self.name!r})")
         if not self.points:
             raise ConfigError(f"{path}.points: a sweep needs at least one point")
@@ -158,12 +157,6 @@ def load_spec(name_or_path: str, preset: str | None = None) -> SweepSpec:
         return from_dict(SweepSpec, raw, "")
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-
-
-def slug(text: str, limit: int = 40) -> str:
-    """Lower-case ASCII letters, digits, '.', '_' and '-' only; never empty, never '.' or '..'."""
-    out = _SAFE.sub("-", text.lower()).strip("-.")[:limit].strip("-.")
-    return out or "point"
 
 
 def _set_dotted(layer: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:

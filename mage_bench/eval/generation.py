@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from mage_bench.errors import UserError
+from mage_bench.io import slug
 from mage_bench.registry import Registry
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")  # torch-fidelity's samples_find_ext default
@@ -96,7 +97,7 @@ def dataset_reference(data: Any, split: str, cache_dir: Path, progress: bool = F
 
     spec = json.dumps({"data": to_dict(data), "split": split, "view": "eval_resize_center_crop"}, sort_keys=True)
     key = hashlib.sha256(spec.encode()).hexdigest()[:16]
-    folder = cache_dir / "reference-images" / f"{_safe(data.name)}-{split}-{data.image_size}px-{key}"
+    folder = cache_dir / "reference-images" / f"{slug(data.name, empty='data')}-{split}-{data.image_size}px-{key}"
     if not folder.is_dir():
         dataset = create_dataset(data, split, train_transform=False)
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -126,10 +127,6 @@ def _write_pngs(dataset: Any, folder: Path, progress: bool, desc: str) -> None:
         for array in pixels:
             Image.fromarray(array).save(folder / f"{index:06d}.png")
             index += 1
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:40]
 
 
 def resolve_fake(fake: str, num: int | None) -> ImageSet:
