@@ -72,6 +72,7 @@ def test_spec_typos_are_one_line_errors_with_key_paths(tmp_path, tiny_tokenizer_
         ({"points": [{"label": "a", "value": "nope:x=1"}]}, "points[0]"),
         ({"points": [{"label": "a", "value": "cosine"}, {"label": "a", "value": "cosine"}]}, "used twice"),
         ({"run": {"seed": 3}}, "seeds are a sweep axis"),
+        ({"name": ".."}, "name must be lower-case"),  # never runs/.. as a sweep folder
         ({"executor": {"name": "kubernetes"}}, "kubernetes"),
     ]
     for change, message in cases:
