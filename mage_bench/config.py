@@ -25,6 +25,11 @@ C = TypeVar("C")
 # Sections
 
 
+RESIZE_FILTERS = ("bilinear", "bicubic")
+MASKING_PER = ("batch", "process", "sample")
+PNG_QUANTISATION = ("truncate", "round")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "digits"  # registry spec: digits | imagefolder:PATH | cifar10:ROOT
@@ -33,6 +38,15 @@ class DataConfig:
     split_seed: int = 0  # digits only: the split is fixed by this seed and recorded with the run
     download: bool = False  # cifar10 only: never download unless asked explicitly
     num_workers: int = 0  # DataLoader workers for folder data sets (in-memory sets ignore it)
+    # Folder data sets only: the filter of the training crops and of the evaluation resize (which also
+    # makes the FID reference images). bilinear is the official choice for both (torchvision's default
+    # in the pre-training crops; PIL bilinear in prepare_imgnet_val.py); bicubic is what timm-style
+    # pipelines use. Recorded in config.yaml, so it is part of every run's provenance.
+    resize: str = "bilinear"
+
+    def validate(self, path: str) -> None:
+        _require(self.resize in RESIZE_FILTERS, f"{path}.resize must be one of {', '.join(RESIZE_FILTERS)}, "
+                                                f"not {self.resize!r}")
 
 
 # Presets of the VQGAN tokenizer. `vqgan_mage` is the official MAGE/MaskGIT configuration
@@ -209,6 +223,8 @@ def from_dict(cls: type[C], data: Mapping[str, Any] | None, path: str = "") -> C
     A class with `preset_defaults(name)` starts from the named preset's values.
     """
     data = dict(data or {})
+    if hasattr(cls, "migrate"):  # keys renamed since older run folders were written
+        data = cls.migrate(data)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
@@ -385,7 +401,26 @@ class MaskingConfig:
     # Share of tokens always dropped from the encoder. None: the distribution's lower bound, which
     # is what the official code does (its truncation minimum is also its drop share).
     mask_ratio_min: float | None = None
-    per_sample: bool = False  # one ratio per sample instead of one per batch (official: per batch)
+    # Who shares one drawn ratio: "process" (official: each training process draws its own ratio per
+    # step, numpy seeded with seed + rank, so the paper's 4096-image step has 64 ratios), "batch" (one
+    # ratio for the whole global batch) or "sample" (one per image). With one process, "process" and
+    # "batch" are the same draws.
+    per: str = "process"
+    # A drop share above the distribution's lower bound is refused (dropped tokens must be masked),
+    # unless this is set: then draws below the drop share are raised to it, which changes the realised
+    # distribution (a sweep must declare that as coupled).
+    clamp_to_drop: bool = False
+
+    @classmethod
+    def migrate(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Configs written before `per` existed said `per_sample: true|false`."""
+        if "per_sample" in data and "per" not in data:
+            data = dict(data)
+            data["per"] = "sample" if data.pop("per_sample") else "batch"
+        return data
+
+    def validate(self, path: str) -> None:
+        _require(self.per in MASKING_PER, f"{path}.per must be one of {', '.join(MASKING_PER)}, not {self.per!r}")
 
 
 @dataclass(frozen=True)
@@ -439,8 +474,12 @@ class GenerateConfig:
 
     steps: int = 12
     temperature: float = 4.5
+    # How decoded [0, 1] pixels become 8-bit PNG values: "truncate" as the official code
+    # (`astype(uint8)` of x * 255) or "round" (half a grey level brighter on average).
+    png: str = "truncate"
 
     def validate(self, path: str) -> None:
+        _require(self.png in PNG_QUANTISATION, f"{path}.png must be truncate or round, not {self.png!r}")
         _require(self.steps >= 1, f"{path}.steps must be >= 1")
         _require(self.temperature >= 0, f"{path}.temperature must be >= 0")
 

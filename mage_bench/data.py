@@ -52,18 +52,20 @@ def create_dataset(config: DataConfig, split: str, train_transform: bool | None 
     return factory(spec.argument, config, split, split == "train" if train_transform is None else train_transform)
 
 
-def image_transform(image_size: int, train: bool) -> Callable:
-    """MAGE's pre-processing: no normalisation (the VQGAN takes [0, 1] images)."""
+def image_transform(image_size: int, train: bool, resize: str = "bilinear") -> Callable:
+    """MAGE's pre-processing: no normalisation (the VQGAN takes [0, 1] images). `resize` is the filter
+    of the crops and resizes (official: bilinear, `data.resize`)."""
     from torchvision import transforms as T
 
+    interpolation = T.InterpolationMode(resize)
     if train:
         return T.Compose([
-            T.RandomResizedCrop(image_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomResizedCrop(image_size, scale=(0.2, 1.0), interpolation=interpolation),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
         ])
     return T.Compose([
-        T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
+        T.Resize(image_size, interpolation=interpolation),
         T.CenterCrop(image_size),
         T.ToTensor(),
     ])
@@ -191,7 +193,7 @@ def _imagefolder(argument: str | None, config: DataConfig, split: str, train_tra
         if not images:
             raise DataError(f"class folder {split_dir / name} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         samples.extend((path, label) for path in images)
-    return ImageFolderDataset(samples, classes, image_transform(config.image_size, train_transform),
+    return ImageFolderDataset(samples, classes, image_transform(config.image_size, train_transform, config.resize),
                               f"imagefolder {split_dir} ({len(samples)} images, {len(classes)} classes)")
 
 
@@ -208,7 +210,7 @@ def _cifar10(argument: str | None, config: DataConfig, split: str, train_transfo
     root = Path(argument).expanduser()
     try:
         dataset = CIFAR10(str(root), train=split == "train", download=config.download,
-                          transform=image_transform(config.image_size, train_transform))
+                          transform=image_transform(config.image_size, train_transform, config.resize))
     except RuntimeError as exc:
         raise DataError(f"CIFAR-10 not found or corrupted under {root / 'cifar-10-batches-py'} ({exc}); "
                         "place the extracted batches there or set data.download: true") from None

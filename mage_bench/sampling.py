@@ -21,10 +21,16 @@ MANIFEST = "generation.json"
 GRID = "grid.png"
 
 
-def _save_png(image: torch.Tensor, path: Path) -> None:
+def to_uint8(image: torch.Tensor, png: str = "truncate") -> torch.Tensor:
+    """[0, 1] float pixels -> uint8: "truncate" as the official `(x * 255).astype(uint8)`, or "round"."""
+    scaled = image.clamp(0, 1) * 255
+    return (scaled.round() if png == "round" else scaled.floor()).to(torch.uint8)
+
+
+def _save_png(image: torch.Tensor, path: Path, png: str = "truncate") -> None:
     from PIL import Image
 
-    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    array = to_uint8(image, png).permute(1, 2, 0).cpu().numpy()
     with atomic_open(path, "wb") as handle:
         Image.fromarray(array).save(handle, format="PNG")
 
@@ -58,11 +64,14 @@ def generate_images(run_dir: str | Path | Any, num: int, out_dir: str | Path, st
     if steps < 1 or temperature < 0:
         raise UserError(f"--steps must be >= 1 and --temperature >= 0 (got {steps}, {temperature})")
     out = Path(out_dir)
+    png = loaded.config.generate.png
     manifest = {"run": str(run_dir), "checkpoint_sha256": loaded.checkpoint_sha256, "step": loaded.step,
-                "steps": steps, "temperature": temperature, "seed": seed}
+                "steps": steps, "temperature": temperature, "seed": seed, "png": png}
     previous = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).exists() else None
     # The same images need the same weights and decoding settings; how the run path is spelled does not matter.
-    same = ("checkpoint_sha256", "steps", "temperature", "seed")
+    same = ("checkpoint_sha256", "steps", "temperature", "seed", "png")
+    if previous is not None:
+        previous = {"png": "round", **previous}  # manifests older than the png setting were rounded
     if previous is not None and any(previous.get(k) != manifest[k] for k in same):
         raise UserError(f"{out} holds images made with other settings ({out / MANIFEST}); choose another --out")
     if previous is None and out.exists() and any(out.glob("*.png")):
@@ -80,7 +89,7 @@ def generate_images(run_dir: str | Path | Any, num: int, out_dir: str | Path, st
         tokens = iterative_decode(loaded.model, noise, steps, temperature)  # (B, L)
         images = loaded.tokenizer.decode(tokens.view(-1, side, side))  # (B, 3, H, W) in [0, 1]
         for index, image in zip(indices, images, strict=True):
-            _save_png(image, out / f"{index:06d}.png")
+            _save_png(image, out / f"{index:06d}.png", png)
         bar.update(len(indices))
     bar.close()
     # The grid is rebuilt from the files, so a resumed generation gets the same grid.

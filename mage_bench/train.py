@@ -8,7 +8,8 @@ on GPU with fp32 attention logits. DDP when launched by torchrun (gloo on CPU, n
 Exactness: one global batch order per epoch (a pure function of seed and epoch), sliced by rank;
 masking ratios, token orders and augmentations are drawn for the whole global batch from
 generators every process holds in the same state. So N steps straight == N/2 + resume N/2
-bitwise on CPU, and 2 processes x batch B match 1 process x batch 2B (dropout off).
+bitwise on CPU, and 2 processes x batch B match 1 process x batch 2B (dropout off, `masking.per: batch`;
+under the default per-process ratios each rank's rows get their own ratio, as officially).
 """
 
 from __future__ import annotations
@@ -57,11 +58,11 @@ class TrainingFailed(RuntimeError):
 # Config resolution: every "auto" becomes a concrete value recorded in config.yaml
 
 
-def resolve_run_config(config: RunConfig) -> RunConfig:
-    """Validate across sections and replace automatic choices by what will actually run."""
-    from mage_bench.tokenizer import tokenizer_config_at
-
-    distribution, mask_ratio_min = resolve_masking(config.masking.spec, config.masking.mask_ratio_min)
+def resolve_automatic(config: RunConfig) -> RunConfig:
+    """Every "auto"/None choice replaced by what will run, checked across sections, without touching
+    the tokenizer folder (so a sweep can compare its points before the tokenizer exists)."""
+    masking = config.masking
+    distribution, mask_ratio_min = resolve_masking(masking.spec, masking.mask_ratio_min, masking.clamp_to_drop)
     augment = config.train.augment
     if augment == "auto":
         if is_in_memory(config.data):
@@ -75,7 +76,18 @@ def resolve_run_config(config: RunConfig) -> RunConfig:
         raise ConfigError(f"train.augment: {augment} applies to in-memory data only; use dataset for {config.data.name}")
     if config.contrastive.weight > 0 and augment == "none":
         raise ConfigError("contrastive.weight > 0 needs two different views: set train.augment to affine (or auto)")
+    return dataclasses.replace(
+        config,
+        masking=dataclasses.replace(masking, spec=distribution.spec(), mask_ratio_min=mask_ratio_min),
+        train=dataclasses.replace(config.train, augment=augment),
+    )
 
+
+def resolve_run_config(config: RunConfig) -> RunConfig:
+    """`resolve_automatic`, then the checks against the tokenizer the run will use."""
+    from mage_bench.tokenizer import tokenizer_config_at
+
+    config = resolve_automatic(config)
     tok = tokenizer_config_at(config.tokenizer)
     if tok.token_grid ** 2 != config.model.num_tokens or tok.n_embed != config.model.codebook_size:
         raise ConfigError(f"model {config.model.name} expects {config.model.num_tokens} tokens from "
@@ -84,11 +96,7 @@ def resolve_run_config(config: RunConfig) -> RunConfig:
     if tok.resolution != config.data.image_size:
         raise ConfigError(f"data.image_size={config.data.image_size} but tokenizer {config.tokenizer} is built "
                           f"for {tok.resolution} px; set data.image_size: {tok.resolution}")
-    return dataclasses.replace(
-        config,
-        masking=dataclasses.replace(config.masking, spec=distribution.spec(), mask_ratio_min=mask_ratio_min),
-        train=dataclasses.replace(config.train, augment=augment),
-    )
+    return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,8 +332,10 @@ class Trainer:
         """Draw the step's batch and masks, compute the losses and gradients (DDP-averaged)."""
         dev = self.runtime.device
         tokens, tokens2 = self.stream.next()
-        ratios = batch_ratios(self.masking, self.stream.global_batch, self.config.masking.per_sample,
-                              self.mask_generator)
+        masking = self.config.masking
+        ratios = batch_ratios(self.masking, self.stream.batch, masking.per, self.runtime.world, self.mask_generator)
+        if masking.clamp_to_drop:  # draws below the drop share mask (at least) the dropped tokens
+            ratios = ratios.clamp(min=masking.mask_ratio_min)
         mask, drop = self._masks(ratios, tokens.shape[1])
         # MAGE-C: the second view gets its own token order with the same ratios.
         second = (tokens2.to(dev), *self._masks(ratios, tokens.shape[1])) if tokens2 is not None else None

@@ -12,6 +12,8 @@ from mage_bench.mage.masking import (
     check_mask_ratio_min,
     create_masking,
     num_dropped,
+    realised_mean,
+    resolve_masking,
     sample_token_masks,
 )
 
@@ -106,12 +108,32 @@ def test_token_masks(L, ratio, minimum):
     assert num_dropped(256, 0.5) == 128  # the official 128 dropped of 256
 
 
-def test_per_sample_and_per_batch_ratios():
-    g = torch.Generator().manual_seed(0)
+def test_ratios_per_batch_process_and_sample():
     dist = create_masking("uniform")
-    shared = batch_ratios(dist, 16, False, g)
-    assert (shared == shared[0]).all()
-    own = batch_ratios(dist, 16, True, g)
+    shared = batch_ratios(dist, 16, "batch", 2, torch.Generator().manual_seed(0))
+    assert shared.shape == (32,) and (shared == shared[0]).all()
+    # per process (official): rank r's 16 rows share one ratio, and the two ranks' ratios differ
+    per_rank = batch_ratios(dist, 16, "process", 2, torch.Generator().manual_seed(0))
+    assert (per_rank[:16] == per_rank[0]).all() and (per_rank[16:] == per_rank[16]).all()
+    assert per_rank[0] != per_rank[16]
+    # with one process, "process" and "batch" make the same draw from the same generator state
+    one = batch_ratios(dist, 16, "process", 1, torch.Generator().manual_seed(0))
+    assert torch.equal(one, batch_ratios(dist, 16, "batch", 1, torch.Generator().manual_seed(0)))
+    g = torch.Generator().manual_seed(0)
+    own = batch_ratios(dist, 16, "sample", 1, g)
     assert len(set(own.tolist())) == 16
     mask, drop = sample_token_masks(own, 64, 0.5, g)
     assert len(set(mask.sum(1).tolist())) > 1 and len(set(drop.sum(1).tolist())) == 1
+
+
+def test_clamp_to_drop_and_realised_mean():
+    official = create_masking("truncnorm:mean=0.55,std=0.25,min=0.5,max=1.0")
+    with pytest.raises(ConfigError, match="clamp_to_drop"):
+        resolve_masking(official.spec(), 0.75)
+    assert resolve_masking(official.spec(), 0.75, clamp_to_drop=True)[1] == 0.75
+    assert realised_mean(official) == pytest.approx(official.mean(), abs=1e-5)  # ~0.694, as REFERENCE.md
+    assert realised_mean(official, 0.5) == pytest.approx(official.mean(), abs=1e-5)  # no draw below 0.5
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(1), dtype=torch.float64).numpy()
+    monte_carlo = float(np.maximum(np.clip(official.ppf(u), 0.5, 1.0), 0.75).mean())
+    assert realised_mean(official, 0.75) == pytest.approx(monte_carlo, abs=2e-3)
+    assert realised_mean(create_masking("fixed:ratio=0.75"), 0.5) == pytest.approx(0.75)

@@ -41,7 +41,7 @@ def test_training_lowers_the_loss(tmp_path, tiny_run_layer):
     assert last < first - 0.1, (first, last)
 
 
-@pytest.mark.parametrize("extra", [{}, {"contrastive": {"weight": 0.5}, "masking": {"per_sample": True}}],
+@pytest.mark.parametrize("extra", [{}, {"contrastive": {"weight": 0.5}, "masking": {"per": "sample"}}],
                          ids=["mage", "mage-c"])
 def test_resume_is_bitwise_exact(tmp_path, tiny_run_layer, extra):
     layer = {**tiny_run_layer, **extra, "model": {**tiny_run_layer["model"], "dropout": 0.1}}

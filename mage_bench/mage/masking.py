@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
@@ -258,25 +257,37 @@ def num_dropped(seq_len: int, mask_ratio_min: float) -> int:
     return int(math.ceil(seq_len * mask_ratio_min - 1e-9))
 
 
-def check_mask_ratio_min(distribution: MaskingDistribution, mask_ratio_min: float) -> None:
-    """Dropped tokens must be a subset of masked ones, so no ratio may fall below mask_ratio_min."""
+def check_mask_ratio_min(distribution: MaskingDistribution, mask_ratio_min: float,
+                         clamp_to_drop: bool = False) -> None:
+    """Dropped tokens must be a subset of masked ones, so no ratio may fall below mask_ratio_min
+    (unless `clamp_to_drop` raises such draws to it)."""
     lo, _ = distribution.support()
     if not 0.0 <= mask_ratio_min < 1.0:
         raise ConfigError(f"masking.mask_ratio_min={mask_ratio_min} must be in [0, 1)")
-    if mask_ratio_min > lo + 1e-9:
+    if mask_ratio_min > lo + 1e-9 and not clamp_to_drop:
         raise ConfigError(f"masking {distribution.spec()} can draw ratios down to {lo}, below "
                           f"masking.mask_ratio_min={mask_ratio_min} (the share always dropped); "
-                          f"set mask_ratio_min <= {lo} or raise the distribution's lower bound")
+                          f"set mask_ratio_min <= {lo}, raise the distribution's lower bound, or set "
+                          "masking.clamp_to_drop: true to raise such draws to the drop share")
 
 
-def resolve_masking(spec: str, mask_ratio_min: float | None) -> tuple[MaskingDistribution, float]:
+def resolve_masking(spec: str, mask_ratio_min: float | None,
+                    clamp_to_drop: bool = False) -> tuple[MaskingDistribution, float]:
     """The distribution and the share always dropped (None: the distribution's lower bound, as
     officially), checked against each other."""
     distribution = create_masking(spec)
     if mask_ratio_min is None:
         mask_ratio_min = distribution.support()[0]
-    check_mask_ratio_min(distribution, mask_ratio_min)
+    check_mask_ratio_min(distribution, mask_ratio_min, clamp_to_drop)
     return distribution, mask_ratio_min
+
+
+def realised_mean(distribution: MaskingDistribution, floor: float = 0.0, grid: int = 200_000) -> float:
+    """The mean ratio training actually uses when draws below `floor` are raised to it (clamp_to_drop),
+    by the midpoint rule on the inverse CDF: deterministic, exact to ~1e-6 for these distributions."""
+    u = (np.arange(grid, dtype=np.float64) + 0.5) / grid
+    ratios = np.clip(distribution.ppf(u), *distribution.support())
+    return float(np.maximum(ratios, floor).mean())
 
 
 def sample_token_masks(ratios: torch.Tensor, seq_len: int, mask_ratio_min: float,
@@ -297,12 +308,16 @@ def sample_token_masks(ratios: torch.Tensor, seq_len: int, mask_ratio_min: float
     return mask, drop
 
 
-RatioSampler = Callable[[int, torch.Generator], torch.Tensor]
-
-
-def batch_ratios(distribution: MaskingDistribution, batch_size: int, per_sample: bool,
+def batch_ratios(distribution: MaskingDistribution, batch_size: int, per: str, world: int,
                  generator: torch.Generator) -> torch.Tensor:
-    """float[B]: one draw shared by the batch (official) or one per sample."""
-    if per_sample:
-        return distribution.sample(batch_size, generator)
-    return distribution.sample(1, generator).expand(batch_size).clone()
+    """float[world * batch_size], the ratios of one global batch (rank r owns rows r*B..(r+1)*B-1).
+
+    per="batch": one draw for the whole global batch; "process": one draw per process, shared by its
+    rows (official MAGE); "sample": one per image. Every process holds `generator` in the same state and
+    draws the whole global batch's ratios, so the ranks stay in step; with world 1, "process" and
+    "batch" make the same single draw.
+    """
+    if per == "sample":
+        return distribution.sample(world * batch_size, generator)
+    draws = distribution.sample(world if per == "process" else 1, generator)  # [world] or [1]
+    return draws.repeat_interleave(batch_size) if per == "process" else draws.expand(world * batch_size).clone()
