@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mage_bench.config import to_dict
+from mage_bench.confounds import check_confounds
 from mage_bench.errors import UserError
 from mage_bench.sweep_spec import RunPlan, SweepSpec, check_parameter, expand, load_spec, slug
 
@@ -41,6 +42,7 @@ class SweepContext:
     progress: bool
     device: str = "cpu"
     timings: dict[str, float] = field(default_factory=dict)
+    differs: dict[str, Any] = field(default_factory=dict)  # mage_bench.confounds.check_confounds
 
     @property
     def cache(self) -> Path:
@@ -254,8 +256,8 @@ def check_existing_runs(runs_dir: Path, plans: list[RunPlan], spec: SweepSpec) -
 
 
 def dry_run_table(ctx: SweepContext, plans: list[RunPlan]) -> str:
-    rows = [("run", "point", ctx.spec.parameter, "seed", "status")]
-    rows += [(p.name, p.point, str(p.value), str(p.seed), run_status(ctx.runs_dir, p)) for p in plans]
+    rows = [("run", "point", "seed", "status")]
+    rows += [(p.name, p.point, str(p.seed), run_status(ctx.runs_dir, p)) for p in plans]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     pending = sum(run_status(ctx.runs_dir, p) != "done" for p in plans)
@@ -266,6 +268,9 @@ def dry_run_table(ctx: SweepContext, plans: list[RunPlan]) -> str:
         tok_state = "exists"
     else:
         tok_state = "missing: import or train it first" if ctx.spec.tokenizer.path else "would be trained"
+    from mage_bench.confounds import format_table
+
+    lines += ["", format_table(ctx.differs)]
     lines += ["", f"would execute: {pending} of {len(plans)} runs with the {ctx.spec.executor.name} executor; "
               f"tokenizer {tokenizer} ({tok_state}); report to {ctx.report_dir}"]
     return "\n".join(lines)
@@ -292,12 +297,22 @@ def write_sweep_file(ctx: SweepContext, plans: list[RunPlan], outcomes: list[dic
     import platform
 
     atomic_write_json(previous, {
-        "sweep": ctx.spec.name, "description": ctx.spec.description, "parameter": ctx.spec.parameter,
-        "points": [{"label": p.label, "value": p.value} for p in ctx.spec.points],
+        "sweep": ctx.spec.name, "description": ctx.spec.description, "parameter": ctx.spec.parameter_label,
+        "axes": [{"parameter": a.parameter, "points": [{"label": p.label, "value": p.value} for p in a.points]}
+                 for a in ctx.spec.axes],
+        "points": _points(plans), "differs": ctx.differs,
         "seeds": list(ctx.spec.seeds), "spec": to_dict(ctx.spec), "runs": runs,
         "densities": densities(ctx.spec, plans), "timings": timings,
         "provenance": {"git_commit": git_commit(), "versions": package_versions(), "device": ctx.device,
                        "host": platform.node(), "date": utc_now()}})
+
+
+def _points(plans: list[RunPlan]) -> list[dict[str, Any]]:
+    """Each point once, in grid order (the first axis varying slowest), with its label on every axis."""
+    out: dict[str, dict[str, Any]] = {}
+    for plan in plans:
+        out.setdefault(plan.point, {"label": plan.point, "value": plan.value, "axes": plan.axes})
+    return list(out.values())
 
 
 def run_sweep(name_or_path: str, preset: str | None = None, executor: str | None = None,
@@ -323,9 +338,11 @@ def run_sweep(name_or_path: str, preset: str | None = None, executor: str | None
     ctx = SweepContext(spec, runs, report, progress, spec.eval.device)
     tokenizer = spec.tokenizer.path or str(runs / SHARED / "tokenizer")
     plans = expand(spec, tokenizer)
+    ctx.differs = check_confounds(spec, plans)  # refuses an undeclared difference before anything runs
     check_existing_runs(runs, plans, spec)
     if dry_run:
-        return {"dry_run": True, "table": dry_run_table(ctx, plans), "runs": [p.meta(spec) for p in plans]}
+        return {"dry_run": True, "table": dry_run_table(ctx, plans), "runs": [p.meta(spec) for p in plans],
+                "differs": ctx.differs}
     # Slurm jobs choose their device on their node; everything else runs here and needs it here.
     ctx.device = resolve_device(spec.eval.device) if spec.executor.name != "slurm" else "cpu"
 

@@ -1,14 +1,18 @@
 """Sweep specs (experiments/*.yaml): the schema, loading with presets, validation, expansion into runs.
 
-A spec names one swept run-config parameter (`parameter`, e.g. `masking.spec`), its points (each a
-`label` and a `value`, plus optional `overrides`), the `seeds`, a base `run` layer, the shared
-tokenizer, the evaluation settings and the executor; `presets` overlay any of these. Everything is
-checked here, before anything runs, and a typo is a one-line error naming its key path.
+A spec names one swept run-config parameter (`parameter`, e.g. `masking.spec`) with its points (each a
+`label` and a `value`, plus optional `overrides`), or several under `parameters` (a grid: their full
+product, one run per cell and seed); `coupled` keys (allowed to differ between points, each with a
+reason); the `seeds`, a base `run` layer, the shared tokenizer, the evaluation settings and the
+executor; `presets` overlay any of these. Everything is checked here, before anything runs, and a typo
+is a one-line error naming its key path. What may differ between points is checked in
+`mage_bench.confounds`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +23,7 @@ from mage_bench.errors import ConfigError, UserError
 from mage_bench.io import slug
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-BUILTIN_SPECS = ("masking", "contrastive")
+BUILTIN_SPECS = ("masking", "contrastive", "drop", "masking-x-contrastive")
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,42 @@ class SweepPoint:
     label: str = ""
     value: Any = None
     overrides: dict[str, Any] = field(default_factory=dict)  # a run-config layer for this point only
+
+
+@dataclass(frozen=True)
+class SweepAxis:
+    """One swept run-config key and its points; a grid has several."""
+
+    parameter: str = ""
+    points: tuple[SweepPoint, ...] = ()
+
+    def validate(self, path: str) -> None:
+        if not self.parameter:
+            raise ConfigError(f"{path}.parameter is missing")
+        if not self.points:
+            raise ConfigError(f"{path}.points: a sweep needs at least one point")
+        labels = [p.label for p in self.points]
+        for i, point in enumerate(self.points):
+            if not point.label:
+                raise ConfigError(f"{path}.points[{i}].label is missing")
+        dupes = {label for label in labels if labels.count(label) > 1}
+        if dupes:
+            raise ConfigError(f"{path}.points: label {sorted(dupes)[0]!r} is used twice")
+
+
+@dataclass(frozen=True)
+class CoupledKey:
+    """A run-config key (or section) allowed to differ between points, with the reason it must."""
+
+    key: str = ""
+    reason: str = ""
+
+    def validate(self, path: str) -> None:
+        if not self.key or not self.reason.strip():
+            raise ConfigError(f"{path}: a coupled key needs both `key` and a one-line `reason`")
+
+
+CELL_SEPARATOR = " × "  # joins the axis labels of a grid cell into its point label
 
 
 @dataclass(frozen=True)
@@ -78,6 +118,8 @@ class SweepSpec:
     description: str = ""
     parameter: str = ""
     points: tuple[SweepPoint, ...] = ()
+    parameters: tuple[SweepAxis, ...] = ()  # a grid, instead of parameter + points
+    coupled: tuple[CoupledKey, ...] = ()
     seeds: tuple[int, ...] = (0,)
     run: dict[str, Any] = field(default_factory=dict)
     tokenizer: TokenizerSource = field(default_factory=TokenizerSource)
@@ -87,38 +129,62 @@ class SweepSpec:
     def validate(self, path: str) -> None:
         if not self.name or slug(self.name, limit=len(self.name)) != self.name:
             raise ConfigError(f"{path}.name must be lower-case letters, digits, '.', '_' or '-' (got {self.name!r})")
-        if not self.points:
+        if self.parameters and (self.parameter or self.points):
+            raise ConfigError(f"{path}: give either parameter + points (one axis) or parameters (a grid), not both")
+        if not self.parameters and not self.points:
             raise ConfigError(f"{path}.points: a sweep needs at least one point")
-        labels = [p.label for p in self.points]
-        for i, point in enumerate(self.points):
-            if not point.label:
-                raise ConfigError(f"{path}.points[{i}].label is missing")
-        dupes = {label for label in labels if labels.count(label) > 1}
-        if dupes:
-            raise ConfigError(f"{path}.points: label {sorted(dupes)[0]!r} is used twice")
+        for i, axis in enumerate(self.axes):
+            axis.validate(f"{path}.parameters[{i}]" if self.parameters else path)
+        swept = self.swept_keys
+        if len(set(swept)) != len(swept):
+            raise ConfigError(f"{path}.parameters: a parameter is listed twice ({', '.join(swept)})")
+        for i, coupled in enumerate(self.coupled):
+            coupled.validate(f"{path}.coupled[{i}]")
+            if coupled.key in swept:
+                raise ConfigError(f"{path}.coupled[{i}]: {coupled.key!r} is swept already; list only other keys")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"{path}.seeds must be a non-empty list of distinct integers")
         if "seed" in self.run:
             raise ConfigError(f"{path}.run.seed: seeds are a sweep axis; list them under seeds")
 
 
+    @property
+    def axes(self) -> tuple[SweepAxis, ...]:
+        return self.parameters or (SweepAxis(self.parameter, self.points),)
+
+    @property
+    def swept_keys(self) -> list[str]:
+        return [axis.parameter for axis in self.axes]
+
+    @property
+    def parameter_label(self) -> str:
+        """The swept parameter(s), for tables and titles."""
+        return CELL_SEPARATOR.join(self.swept_keys)
+
+    def cells(self) -> list[dict[str, SweepPoint]]:
+        """Every point of the sweep: {parameter: its point}, the first axis varying slowest."""
+        keys = self.swept_keys
+        return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(a.points for a in self.axes))]
+
+
 @dataclass(frozen=True)
 class RunPlan:
     name: str  # folder name: safe, deterministic
-    point: str  # the point's label (user text: escaped wherever shown)
-    value: Any
+    point: str  # the point's label (user text: escaped wherever shown); a grid cell's labels joined
+    value: Any  # the swept value; a grid cell's {parameter: value}
     seed: int
     config: Any  # RunConfig, resolved against the sweep's tokenizer
+    axes: dict[str, str] = field(default_factory=dict)  # parameter -> this point's label on that axis
 
     def meta(self, sweep: SweepSpec) -> dict[str, Any]:
         from mage_bench.results import config_hash
 
-        return {"sweep": sweep.name, "run": self.name, "point": self.point, "parameter": sweep.parameter,
-                "value": self.value, "seed": self.seed, "config_hash": config_hash(self.config)}
+        return {"sweep": sweep.name, "run": self.name, "point": self.point, "parameter": sweep.parameter_label,
+                "value": self.value, "axes": self.axes, "seed": self.seed, "config_hash": config_hash(self.config)}
 
 
 def find_spec(name_or_path: str) -> Path:
-    """`masking`/`contrastive` (experiments/NAME.yaml) or a path to a YAML spec."""
+    """A built-in sweep (experiments/NAME.yaml, e.g. masking, drop) or a path to a YAML spec."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
@@ -130,7 +196,7 @@ def find_spec(name_or_path: str) -> Path:
     from mage_bench.registry import did_you_mean
 
     raise UserError(f"unknown sweep {name_or_path!r}{did_you_mean(name_or_path, list(BUILTIN_SPECS))}; "
-                    "give masking, contrastive or a path to a .yaml spec")
+                    f"give one of {', '.join(BUILTIN_SPECS)} or a path to a .yaml spec")
 
 
 def load_spec(name_or_path: str, preset: str | None = None) -> SweepSpec:
@@ -168,40 +234,60 @@ def _set_dotted(layer: dict[str, Any], dotted: str, value: Any) -> dict[str, Any
     return layer
 
 
+def _point_digest(cell: dict[str, SweepPoint]) -> str:
+    """Six hex digits naming a point's content; a one-axis point keeps the digest it always had."""
+    parts = [[p.label, to_dict(p.value), p.overrides] for p in cell.values()]
+    return hashlib.sha256(json.dumps(parts[0] if len(parts) == 1 else parts, sort_keys=True,
+                                     default=str).encode()).hexdigest()[:6]
+
+
 def expand(spec: SweepSpec, tokenizer: str) -> list[RunPlan]:
     """One RunPlan per (point, seed), each with a fully resolved and validated RunConfig."""
     import copy
 
     from mage_bench.config import RunConfig, deep_merge, resolve_config
-    from mage_bench.mage.masking import resolve_masking
+    from mage_bench.train import resolve_automatic
 
     plans = []
-    for i, point in enumerate(spec.points):
+    for i, cell in enumerate(spec.cells()):
         layer = deep_merge(copy.deepcopy(spec.run), {"tokenizer": tokenizer})
-        layer = _set_dotted(layer, spec.parameter, point.value)
-        layer = deep_merge(layer, point.overrides)
-        digest = hashlib.sha256(json.dumps([point.label, to_dict(point.value), point.overrides],
-                                           sort_keys=True, default=str).encode()).hexdigest()[:6]
+        for parameter, point in cell.items():
+            layer = _set_dotted(layer, parameter, point.value)
+        for point in cell.values():
+            layer = deep_merge(layer, point.overrides)
+        label = CELL_SEPARATOR.join(p.label for p in cell.values())
+        value = next(iter(cell.values())).value if len(cell) == 1 else {k: p.value for k, p in cell.items()}
+        name = f"{slug(label)}-{_point_digest(cell)}"
         for seed in spec.seeds:
             try:
                 config = resolve_config(RunConfig, {**layer, "seed": seed})
-                resolve_masking(config.masking.spec, config.masking.mask_ratio_min)  # what training would refuse
+                resolve_automatic(config)  # what training would refuse
             except (ConfigError, UserError, ValueError) as exc:
-                raise ConfigError(f"points[{i}] ({point.label!r}): {exc}") from None
-            plans.append(RunPlan(f"{slug(point.label)}-{digest}-s{seed}", point.label, point.value, seed, config))
+                raise ConfigError(f"points[{i}] ({label!r}): {exc}") from None
+            plans.append(RunPlan(f"{name}-s{seed}", label, value, seed, config,
+                                 {k: p.label for k, p in cell.items()}))
     return plans
 
 
 def check_parameter(spec: SweepSpec) -> None:
-    """The swept parameter must be a leaf of the run config (typos fail with their key path)."""
+    """Swept and coupled keys must exist in the run config (typos fail with their key path); either may
+    name a whole section (e.g. `coupled: [{key: model, ...}]`)."""
+    for key in spec.swept_keys:
+        _check_key(key, "parameter")
+    for coupled in spec.coupled:
+        _check_key(coupled.key, "coupled")
+
+
+def _check_key(dotted: str, where: str) -> None:
     from mage_bench.config import RunConfig
 
     node: Any = to_dict(RunConfig())
-    for i, key in enumerate(spec.parameter.split(".")):
+    parts = dotted.split(".")
+    for i, key in enumerate(parts):
         if not isinstance(node, dict) or key not in node:
             from mage_bench.registry import did_you_mean
 
             options = list(node) if isinstance(node, dict) else []
-            raise ConfigError(f"parameter: {spec.parameter!r} is not a run-config key "
-                              f"(at {'.'.join(spec.parameter.split('.')[:i + 1])!r}{did_you_mean(key, options)})")
+            raise ConfigError(f"{where}: {dotted!r} is not a run-config key "
+                              f"(at {'.'.join(parts[:i + 1])!r}{did_you_mean(key, options)})")
         node = node[key]

@@ -17,8 +17,9 @@ import yaml
 from conftest import TINY_MODEL  # noqa: I001  (tests/ is on the path)
 
 from mage_bench.cli import main
+from mage_bench.config import to_dict
 from mage_bench.errors import ConfigError, UserError
-from mage_bench.sweep_spec import expand, load_spec, slug
+from mage_bench.sweep_spec import check_parameter, expand, load_spec, slug
 
 
 def micro_spec(tmp_path: Path, tokenizer: Path, digits_cnn, points=None, seeds=(0,), executor=None,
@@ -30,7 +31,7 @@ def micro_spec(tmp_path: Path, tokenizer: Path, digits_cnn, points=None, seeds=(
         "points": points or [{"label": "truncnorm (official)", "value": "truncnorm:mean=0.55,std=0.25,min=0.5,max=1.0"},
                              {"label": "fixed 0.75", "value": "fixed:ratio=0.75"}],
         "seeds": list(seeds),
-        "run": {"model": dict(TINY_MODEL),
+        "run": {"model": dict(TINY_MODEL), "masking": {"mask_ratio_min": 0.5},
                 "train": {"steps": 6, "batch_size": 16, "blr": 0.01, "warmup_steps": 2, "checkpoint_every": 2,
                           "log_every": 1}},
         "tokenizer": {"path": str(tokenizer)},
@@ -46,18 +47,54 @@ def micro_spec(tmp_path: Path, tokenizer: Path, digits_cnn, points=None, seeds=(
 # Specs and names
 
 
-@pytest.mark.parametrize("name", ["masking", "contrastive"])
+SPECS = ("masking", "contrastive", "drop", "masking-x-contrastive")
+
+
+@pytest.mark.parametrize("name", SPECS)
 @pytest.mark.parametrize("preset", ["tiny", "digits", "cifar10", "paper"])
-def test_builtin_specs_validate_and_expand(name, preset):
+def test_builtin_specs_change_one_thing(name, preset):
+    """Every built-in spec and preset: the resolved run configs of its points differ only in the swept
+    and declared coupled keys (computed here from the resolved configs, not taken from the guard)."""
+    from mage_bench.confounds import check_confounds, flatten
+    from mage_bench.train import resolve_automatic
+
     spec = load_spec(name, preset)
+    check_parameter(spec)
     plans = expand(spec, "models/x")
-    assert len(plans) == len(spec.points) * len(spec.seeds) and len({p.name for p in plans}) == len(plans)
-    if name == "masking":
-        values = {p.value for p in spec.points}
-        assert {"truncnorm:mean=0.55,std=0.25,min=0.5,max=1.0", "uniform:low=0.5,high=1.0", "fixed:ratio=0.75",
-                "cosine"} <= values and len(spec.points) >= 5
+    cells = 1
+    for axis in spec.axes:
+        cells *= len(axis.points)
+    assert len(plans) == cells * len(spec.seeds) and len({p.name for p in plans}) == len(plans)
+    resolved = [flatten(to_dict(resolve_automatic(p.config))) for p in plans]
+    allowed = spec.swept_keys + [c.key for c in spec.coupled] + ["seed"]
+    for key in resolved[0]:
+        if len({json.dumps(r[key]) for r in resolved}) > 1:
+            assert any(key == a or key.startswith(a + ".") for a in allowed), (name, preset, key)
+    differs = check_confounds(spec, plans)  # and the guard agrees
+    assert [row["point"] for row in differs["table"]] == list(dict.fromkeys(p.point for p in plans))
+    drop_shares = {row["derived"]["drop share"] for row in differs["table"]}
+    if name != "drop":
+        assert drop_shares == {0.5}  # the official drop share at every point
     else:
-        assert {0.0, 0.01, 0.03, 0.1, 0.3, 1.0} <= {p.value for p in spec.points}
+        assert drop_shares == {0.0, 0.25, 0.5, 0.75}
+    augmentations = {row["derived"]["augmentation"] for row in differs["table"]}
+    assert len(augmentations) == 1  # one augmentation for every point (MAGE-C included)
+
+
+def test_builtin_masking_sweep_points():
+    spec = load_spec("masking")
+    values = {p.value for p in spec.points}
+    assert {"truncnorm:mean=0.55,std=0.25,min=0.5,max=1.0", "uniform:low=0.5,high=1.0", "fixed:ratio=0.75",
+            "cosine:min=0.5,max=1.0"} <= values and len(spec.points) >= 5
+    assert {0.0, 0.01, 0.03, 0.1, 0.3, 1.0} <= {p.value for p in load_spec("contrastive").points}
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_paper_presets_decode_as_the_published_fid_runs(name):
+    for plan in expand(load_spec(name, "paper"), "models/x"):
+        assert (plan.config.generate.steps, plan.config.generate.temperature) == (20, 6.0)
+    for plan in expand(load_spec(name, "digits"), "models/x"):  # the digits presets keep the script defaults
+        assert (plan.config.generate.steps, plan.config.generate.temperature) == (12, 4.5)
 
 
 def test_spec_typos_are_one_line_errors_with_key_paths(tmp_path, tiny_tokenizer_dir, digits_cnn, capsys):
@@ -70,7 +107,7 @@ def test_spec_typos_are_one_line_errors_with_key_paths(tmp_path, tiny_tokenizer_
         ({"eval": {"num_sample": 3}}, "eval.num_sample"),
         ({"parameter": "masking.spex"}, "masking.spex"),
         ({"points": [{"label": "a", "value": "nope:x=1"}]}, "points[0]"),
-        ({"points": [{"label": "a", "value": "cosine"}, {"label": "a", "value": "cosine"}]}, "used twice"),
+        ({"points": [{"label": "a", "value": "cosine:min=0.5,max=1.0"}, {"label": "a", "value": "cosine:min=0.5,max=1.0"}]}, "used twice"),
         ({"run": {"seed": 3}}, "seeds are a sweep axis"),
         ({"name": ".."}, "name must be lower-case"),  # never runs/.. as a sweep folder
         ({"executor": {"name": "kubernetes"}}, "kubernetes"),
@@ -82,6 +119,111 @@ def test_spec_typos_are_one_line_errors_with_key_paths(tmp_path, tiny_tokenizer_
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (change, err)
     assert not (tmp_path / "r").exists()  # nothing ran
+
+
+def test_guard_refuses_a_hidden_difference_and_shows_declared_coupling(tmp_path, tiny_tokenizer_dir, digits_cnn,
+                                                                       capsys):
+    runs = tmp_path / "runs"
+    points = [{"label": "official", "value": "truncnorm:mean=0.55,std=0.25,min=0.5,max=1.0"},
+              {"label": "longer", "value": "fixed:ratio=0.75", "overrides": {"train": {"steps": 8}}}]
+    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, points=points)
+    assert main(["sweep", str(path), "--runs", str(runs), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.steps" in err and "'official'" in err and "'longer'" in err
+    assert "coupled:" in err and not runs.exists()
+    # An "auto" that resolves differently is a difference too: the drop share follows each lower bound.
+    raw = yaml.safe_load(path.read_text())
+    raw["run"]["masking"] = {}
+    raw["points"] = [{"label": "official", "value": "truncnorm:mean=0.55,std=0.25,min=0.5,max=1.0"},
+                     {"label": "fixed", "value": "fixed:ratio=0.75"}]
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["sweep", str(path), "--runs", str(runs), "--dry-run"]) == 2
+    assert "masking.mask_ratio_min" in capsys.readouterr().err
+    # Declared, the same coupling passes: the dry run prints it, and sweep.json records it.
+    raw["points"] = points
+    raw["coupled"] = [{"key": "train.steps", "reason": "the longer point is longer on purpose"}]
+    path.write_text(yaml.safe_dump(raw | {"run": {**raw["run"], "masking": {"mask_ratio_min": 0.5}}}))
+    assert main(["sweep", str(path), "--runs", str(runs), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "train.steps (coupled)" in out and "the longer point is longer on purpose" in out
+    assert main(["sweep", str(path), "--runs", str(runs), "--out", str(tmp_path / "report")]) == 0
+    differs = json.loads((runs / "sweep.json").read_text())["differs"]
+    assert differs["coupled"] == raw["coupled"] and differs["swept"] == ["masking.spec"]
+    table = {row["point"]: row for row in differs["table"]}
+    assert table["longer"]["values"]["train.steps"] == 8 and table["official"]["values"]["train.steps"] == 6
+    assert table["longer"]["derived"] == {"drop share": 0.5, "encoder length": 1 + 64 - 32, "mean masking ratio": 0.75,
+                                          "augmentation": "none", "steps": 8}
+
+
+def test_coupled_and_grid_spec_errors(tmp_path, tiny_tokenizer_dir, digits_cnn, capsys):
+    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn)
+    raw = yaml.safe_load(path.read_text())
+    axis = {"parameter": "contrastive.weight", "points": [{"label": "w0", "value": 0.0}]}
+    cases = [
+        ({"coupled": [{"key": "train.steps"}]}, "reason"),
+        ({"coupled": [{"key": "train.stepz", "reason": "x"}]}, "train.stepz"),
+        ({"coupled": [{"key": "masking.spec", "reason": "x"}]}, "swept already"),
+        ({"parameters": [axis]}, "not both"),
+        ({"parameter": "", "points": [], "parameters": [axis, axis]}, "listed twice"),
+    ]
+    for change, message in cases:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({**raw, **change}))
+        assert main(["sweep", str(bad), "--runs", str(tmp_path / "r"), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (change, err)
+
+
+def grid_spec(tmp_path: Path, tokenizer: Path, digits_cnn) -> Path:
+    """A 2 x 2 grid (masking distribution x contrastive weight), one seed per cell."""
+    path = micro_spec(tmp_path, tokenizer, digits_cnn, name="grid")
+    raw = yaml.safe_load(path.read_text())
+    del raw["parameter"], raw["points"]
+    raw["parameters"] = [
+        {"parameter": "masking.spec", "points": [{"label": "official", "value": "truncnorm:mean=0.55,std=0.25,min=0.5,max=1.0"},
+                                                 {"label": "fixed", "value": "fixed:ratio=0.75"}]},
+        {"parameter": "contrastive.weight", "points": [{"label": "w0", "value": 0.0}, {"label": "w1", "value": 1.0}]},
+    ]
+    raw["run"]["train"]["augment"] = "affine"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_grid_expands_to_the_full_product_with_stable_names(tmp_path, tiny_tokenizer_dir, digits_cnn):
+    spec = load_spec(str(grid_spec(tmp_path, tiny_tokenizer_dir, digits_cnn)))
+    plans = expand(spec, "t")
+    assert [p.point for p in plans] == ["official × w0", "official × w1", "fixed × w0", "fixed × w1"]
+    assert len({p.name for p in plans}) == 4 and [p.name for p in plans] == [p.name for p in expand(spec, "t")]
+    assert plans[1].axes == {"masking.spec": "official", "contrastive.weight": "w1"}
+    assert plans[1].value == {"masking.spec": "truncnorm:mean=0.55,std=0.25,min=0.5,max=1.0", "contrastive.weight": 1.0}
+    assert plans[1].config.contrastive.weight == 1.0 and plans[2].config.masking.spec == "fixed:ratio=0.75"
+    # a one-axis spec keeps the run names it always had (label slug, content digest, seed)
+    assert expand(load_spec("masking"), "t")[0].name == "truncnorm-0.55-0.25-official-5a6c71-s0"
+
+
+def test_grid_sweep_runs_and_resumes_cell_by_cell(tmp_path, tiny_tokenizer_dir, digits_cnn):
+    path = grid_spec(tmp_path, tiny_tokenizer_dir, digits_cnn)
+    runs, report = tmp_path / "runs", tmp_path / "report"
+    assert main(["sweep", str(path), "--runs", str(runs), "--out", str(report)]) == 0
+    sweep = json.loads((runs / "sweep.json").read_text())
+    assert [a["parameter"] for a in sweep["axes"]] == ["masking.spec", "contrastive.weight"]
+    assert [p["axes"] for p in sweep["points"]][1] == {"masking.spec": "official", "contrastive.weight": "w1"}
+    assert sweep["parameter"] == "masking.spec × contrastive.weight"
+    before = _results(report)
+    assert set(before[before["role"] == "run"]["point"]) == {"official × w0", "official × w1", "fixed × w0",
+                                                             "fixed × w1"}
+    # One cell interrupted mid-training (DONE gone, checkpoint at step 4 of 6), one never started.
+    cells = [r["run"] for r in sweep["runs"]]
+    import shutil
+
+    shutil.rmtree(runs / cells[0])
+    (runs / cells[3] / "DONE").unlink()
+    mtimes = {c: (runs / c / "checkpoint.pt").stat().st_mtime_ns for c in cells[1:3]}
+    assert main(["sweep", str(path), "--runs", str(runs), "--out", str(report)]) == 0
+    assert {c: (runs / c / "checkpoint.pt").stat().st_mtime_ns for c in cells[1:3]} == mtimes  # done cells kept
+    skipped = {r["run"]: r["skipped"] for r in json.loads((runs / "sweep.json").read_text())["runs"]}
+    assert skipped == {cells[0]: False, cells[1]: True, cells[2]: True, cells[3]: False}
+    pd.testing.assert_frame_equal(before, _results(report))  # the same numbers as uninterrupted
 
 
 def test_run_names_are_safe_and_deterministic():
@@ -166,7 +308,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_tokenize
 
 def test_report_escapes_user_text(tmp_path, tiny_tokenizer_dir, digits_cnn):
     points = [{"label": "<script>alert(1)</script>", "value": "fixed:ratio=0.75"},
-              {"label": "$\\frac{a}{ cost $5", "value": "cosine"}]
+              {"label": "$\\frac{a}{ cost $5", "value": "cosine:min=0.5,max=1.0"}]
     path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, points=points)
     assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
     html = (tmp_path / "report" / "index.html").read_text()
@@ -176,7 +318,7 @@ def test_report_escapes_user_text(tmp_path, tiny_tokenizer_dir, digits_cnn):
 
 
 def test_report_never_imports_torch(tmp_path, tiny_tokenizer_dir, digits_cnn):
-    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, points=[{"label": "a", "value": "cosine"}])
+    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, points=[{"label": "a", "value": "cosine:min=0.5,max=1.0"}])
     assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "r1")]) == 0
     code = ("import sys; from mage_bench.report import build_report; "
             f"build_report([{str(tmp_path / 'runs')!r}], {str(tmp_path / 'r2')!r}); "
@@ -202,7 +344,7 @@ def test_slurm_executor_through_submitit_local(tmp_path, tiny_tokenizer_dir, dig
 
 
 def test_torchrun_executor_trains_with_two_processes(tmp_path, tiny_tokenizer_dir, digits_cnn):
-    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, points=[{"label": "a", "value": "cosine"}],
+    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, points=[{"label": "a", "value": "cosine:min=0.5,max=1.0"}],
                       executor={"name": "torchrun", "nproc_per_node": 2})
     assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
     run = next((tmp_path / "runs").glob("a-*-s0"))
