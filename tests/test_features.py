@@ -87,14 +87,15 @@ def test_eval_uses_the_runs_data_settings(run):
         load_run(run / "nope")
 
 
-def test_cli_eval_linear_mae_protocol(run, capsys):
+@pytest.mark.parametrize("protocol, name", [("mae", "linear-mae"), ("mae-cached", "linear-mae-cached")])
+def test_cli_eval_linear_mae_protocol(run, capsys, protocol, name):
     from mage_bench.cli import main
 
-    code = main(["eval", "linear", "--run", str(run), "--protocol", "mae", "--probe-epochs", "3",
+    code = main(["eval", "linear", "--run", str(run), "--protocol", protocol, "--probe-epochs", "3",
                  "--probe-batch-size", "512", "--device", "cpu", "--json"])
     records = json.loads(capsys.readouterr().out)
     assert code == 0 and {r["metric"] for r in records} == {"top1", "top5"}
-    assert all(r["evaluator"] == "linear-mae" and r["protocol"] == "mae" and r["epochs"] == 3 for r in records)
-    assert read_records(run / "eval" / "linear-mae.json") == records
-    assert main(["eval", "knn", "--run", str(run), "--protocol", "mae"]) == 2
+    assert all(r["evaluator"] == name and r["protocol"] == protocol and r["epochs"] == 3 for r in records)
+    assert read_records(run / "eval" / f"{name}.json") == records
+    assert main(["eval", "knn", "--run", str(run), "--protocol", protocol]) == 2
     assert "applies to `eval linear` only" in capsys.readouterr().err

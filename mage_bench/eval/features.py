@@ -46,6 +46,13 @@ def _publish(array: np.memmap, tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def probe_features(run: Any, images: Any) -> Any:
+    """float32 [B, D] probe features of images float[B, 3, H, W] in [0, 1] already on the run's device:
+    the run's tokenizer, then `MAGE.features`. The caller picks the grad mode (inference or no_grad)."""
+    tokens = run.tokenizer.encode(images).flatten(1)
+    return run.model.features(tokens).float()
+
+
 def extract_features(run: str | Path | Any, data: DataConfig, split: str, batch_size: int = 256,
                      device: str = "cpu", cache_dir: str | Path | None = None,
                      progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -82,8 +89,7 @@ def extract_features(run: str | Path | Any, data: DataConfig, split: str, batch_
             row = 0
             for images, targets in tqdm(loader, desc=f"features {split}", unit="batch", file=sys.stderr,
                                         disable=not progress):
-                tokens = loaded.tokenizer.encode(images.to(device)).flatten(1)
-                batch = loaded.model.features(tokens).float().cpu().numpy()
+                batch = probe_features(loaded, images.to(device)).cpu().numpy()
                 features[row:row + len(batch)] = batch
                 labels[row:row + len(batch)] = np.asarray(targets)
                 row += len(batch)

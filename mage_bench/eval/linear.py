@@ -2,11 +2,20 @@
 
 Protocol: standardise with training statistics; hold out a stratified 20% of the training split;
 pick C from a grid by held-out top-1 (ties: the stronger regularisation); refit on the whole
-training split; report top-1/top-5 on the test split. (The paper's LARS + BatchNorm head for GPU
-users is a separate protocol.)
+training split; report top-1/top-5 on the test split.
+
+The paper's protocol (BatchNorm + linear head trained with LARS) is below as one head-training
+core, `train_mae_head`, shared by `linear_probe_mae` (fixed features: the `mae-cached` protocol)
+and `mage_bench.eval.linear_views` (fresh augmented views every epoch: the faithful `mae` protocol).
 """
 
 from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +69,42 @@ def _select_and_fit(train_x, train_y, test_x, test_y, seed, c_grid) -> dict[str,
 
 
 # --------------------------------------------------------------------------------------------
-# The paper's protocol (MAE/MAGE linear probing), for GPU users with large data sets
+# The paper's protocol (MAE/MAGE linear probing): BatchNorm + linear head, LARS
+
+
+@dataclass(frozen=True)
+class HeadSchedule:
+    """The head's optimisation settings (REFERENCE.md): lr = blr * batch / 256, linear warmup, then a
+    half-cycle cosine per iteration. Warmup defaults to a ninth of the epochs: the paper's 10 of 90."""
+
+    epochs: int = 90
+    batch_size: int = 4096
+    blr: float = 0.1
+    warmup_epochs: int | None = None
+
+    def checked(self, name: str) -> HeadSchedule:
+        """This schedule with the warmup resolved; impossible settings are a one-line `UserError`."""
+        warmup = self.epochs // 9 if self.warmup_epochs is None else self.warmup_epochs
+        if self.epochs < 1 or self.batch_size < 1 or not 0 <= warmup <= self.epochs:
+            raise UserError(f"{name}: needs epochs >= 1, batch >= 1 and 0 <= warmup <= epochs "
+                            f"(got {self.epochs}, {self.batch_size}, {warmup})")
+        return HeadSchedule(self.epochs, self.batch_size, self.blr, warmup)
+
+    @property
+    def lr(self) -> float:
+        return self.blr * self.batch_size / 256
+
+    def lr_at(self, progress: float) -> float:
+        """The lr at `progress` epochs (fractional: the schedule moves every iteration)."""
+        warmup = self.warmup_epochs or 0
+        if progress < warmup:
+            return self.lr * progress / warmup
+        return self.lr * 0.5 * (1 + math.cos(math.pi * (progress - warmup) / max(self.epochs - warmup, 1)))
+
+    def fields(self) -> dict[str, Any]:
+        """What a result record says about the schedule."""
+        return {"lr": self.lr, "epochs": self.epochs, "warmup_epochs": self.warmup_epochs,
+                "batch_size": self.batch_size}
 
 
 def _lars_step(params, lr: float, momentum: float, weight_decay: float, trust: float, buffers: dict) -> None:
@@ -83,52 +127,85 @@ def _lars_step(params, lr: float, momentum: float, weight_decay: float, trust: f
             p.add_(buf, alpha=-lr)
 
 
+def _new_head(dim: int, num_classes: int, generator: Any, device: str) -> Any:
+    """BatchNorm1d(affine=False, eps 1e-6) + Linear (trunc-normal std 0.01 drawn from `generator`, zero bias)."""
+    import torch
+
+    norm = torch.nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+    head = torch.nn.Linear(dim, num_classes)
+    with torch.no_grad():
+        head.weight.copy_(torch.nn.init.trunc_normal_(torch.empty_like(head.weight), std=0.01, generator=generator))
+        head.bias.zero_()
+    return torch.nn.Sequential(norm, head).to(device)
+
+
+# epoch -> the epoch's (features float[B, D], labels long[B]) batches, on the head's device
+EpochBatches = Callable[[int], Iterable[tuple[Any, Any]]]
+
+
+def train_mae_head(epoch_batches: EpochBatches, dim: int, num_classes: int, n_train: int, schedule: HeadSchedule,
+                   generator: Any, device: str = "cpu", progress: bool = False) -> Any:
+    """The trained BN + Linear head (eval mode) after `schedule.epochs` epochs of LARS (momentum 0.9, no
+    weight decay, trust 0.001) on the batches `epoch_batches(epoch)` yields.
+
+    `generator` draws the head's initial weights before the first epoch's batches are asked for, so a
+    caller that also shuffles with it gets one reproducible stream. `n_train` sets the iterations per
+    epoch of the lr schedule. `schedule` must be `checked`.
+    """
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    probe = _new_head(dim, num_classes, generator, device)
+    probe.train()
+    steps_per_epoch = math.ceil(n_train / schedule.batch_size)
+    buffers: dict = {}
+    with tqdm(total=schedule.epochs * steps_per_epoch, desc="linear probe head", unit="step", file=sys.stderr,
+              disable=not progress) as bar:
+        for epoch in range(schedule.epochs):
+            for i, (x, y) in enumerate(epoch_batches(epoch)):
+                bar.update()
+                if len(x) < 2:  # BatchNorm cannot take a training step on one row (a last batch of one)
+                    continue
+                loss = F.cross_entropy(probe(x), y)
+                probe.zero_grad(set_to_none=True)
+                loss.backward()
+                _lars_step(list(probe.parameters()), schedule.lr_at(epoch + i / steps_per_epoch), 0.9, 0.0, 0.001,
+                           buffers)
+    return probe.eval()
+
+
+def head_result(probe: Any, test_x: Any, test_y: np.ndarray, schedule: HeadSchedule) -> dict[str, Any]:
+    """{"top1", "top5", "lr", "epochs", "warmup_epochs", "batch_size"} of a trained head on test features."""
+    import torch
+
+    with torch.no_grad():
+        scores = probe(test_x).cpu().numpy()
+    top1, top5 = top1_top5(scores, np.asarray(test_y))
+    return {KEY_TOP1: top1, KEY_TOP5: top5, **schedule.fields()}
+
+
 def linear_probe_mae(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                      seed: int = 0, epochs: int = 90, warmup_epochs: int | None = None, batch_size: int = 4096,
-                     blr: float = 0.1, device: str = "cpu") -> dict[str, float]:
-    """{"top1", "top5", "lr", "epochs", "batch_size"}: BatchNorm1d(affine=False, eps 1e-6) + Linear
-    (trunc-normal std 0.01, zero bias) trained with LARS (momentum 0.9, no weight decay), lr = blr *
-    batch / 256, linear warmup then half-cycle cosine per iteration (REFERENCE.md: the paper's protocol).
-    Warmup defaults to a ninth of the epochs: the paper's 10 of 90."""
-    import math
+                     blr: float = 0.1, device: str = "cpu", progress: bool = False) -> dict[str, Any]:
+    """The paper's head trained on FIXED features (the `mae-cached` protocol: every epoch reuses the
+    same feature per image, no augmentation); see `train_mae_head` and `HeadSchedule`.
 
+    Returns {"top1", "top5", "lr", "epochs", "warmup_epochs", "batch_size"}. One seeded generator draws
+    the head's weights, then each epoch's shuffle.
+    """
     import torch
-    import torch.nn.functional as F
 
-    warmup_epochs = epochs // 9 if warmup_epochs is None else warmup_epochs
-    train_x = check_features("linear-mae", train_x, train_y, min_rows=2)
-    test_x = check_features("linear-mae", test_x, test_y)
-    if epochs < 1 or batch_size < 1 or not 0 <= warmup_epochs <= epochs:
-        raise UserError(f"linear-mae: needs epochs >= 1, batch >= 1 and 0 <= warmup <= epochs "
-                        f"(got {epochs}, {batch_size}, {warmup_epochs})")
+    schedule = HeadSchedule(epochs, batch_size, blr, warmup_epochs).checked("linear-mae-cached")
+    train_x = check_features("linear-mae-cached", train_x, train_y, min_rows=2)
+    test_x = check_features("linear-mae-cached", test_x, test_y)
     generator = torch.Generator().manual_seed(seed)
     x = torch.as_tensor(train_x, dtype=torch.float32, device=device)
     y = torch.as_tensor(np.asarray(train_y), dtype=torch.long, device=device)
-    num_classes = int(max(np.max(train_y), np.max(test_y))) + 1
-    norm = torch.nn.BatchNorm1d(x.shape[1], affine=False, eps=1e-6).to(device)
-    head = torch.nn.Linear(x.shape[1], num_classes).to(device)
-    with torch.no_grad():
-        head.weight.copy_(torch.nn.init.trunc_normal_(torch.empty_like(head.weight, device="cpu"), std=0.01,
-                                                      generator=generator).to(device))
-        head.bias.zero_()
-    lr = blr * batch_size / 256
-    steps_per_epoch = math.ceil(len(x) / batch_size)
-    buffers: dict = {}
-    for epoch in range(epochs):
+
+    def epoch_batches(epoch: int) -> Iterable[tuple[Any, Any]]:
         order = torch.randperm(len(x), generator=generator).to(device)
-        for i, batch in enumerate(order.split(batch_size)):
-            progress = epoch + i / steps_per_epoch
-            if progress < warmup_epochs:
-                step_lr = lr * progress / warmup_epochs
-            else:
-                step_lr = lr * 0.5 * (1 + math.cos(math.pi * (progress - warmup_epochs) / max(epochs - warmup_epochs, 1)))
-            norm.train(), head.train()
-            loss = F.cross_entropy(head(norm(x[batch])), y[batch])
-            head.zero_grad(set_to_none=True)
-            loss.backward()
-            _lars_step(list(head.parameters()), step_lr, 0.9, 0.0, 0.001, buffers)
-    norm.eval(), head.eval()
-    with torch.no_grad():
-        scores = head(norm(torch.as_tensor(test_x, dtype=torch.float32, device=device))).cpu().numpy()
-    top1, top5 = top1_top5(scores, test_y)
-    return {KEY_TOP1: top1, KEY_TOP5: top5, "lr": lr, "epochs": epochs, "batch_size": batch_size}
+        return ((x[batch], y[batch]) for batch in order.split(schedule.batch_size))
+
+    num_classes = int(max(np.max(train_y), np.max(test_y))) + 1
+    probe = train_mae_head(epoch_batches, x.shape[1], num_classes, len(x), schedule, generator, device, progress)
+    return head_result(probe, torch.as_tensor(test_x, dtype=torch.float32, device=device), test_y, schedule)

@@ -1,7 +1,9 @@
 """Representation evaluators wired to runs: one feature pass (cached), then any of the evaluators.
 
-`EVALUATORS` is the registry; each entry maps (train_x, train_y, test_x, test_y, seed) to rows of
-(metric, value, higher_is_better, evaluator-specific fields). `evaluate_run` writes the rows as
+`EVALUATORS` is the registry of evaluators on cached features; each entry maps (train_x, train_y,
+test_x, test_y, seed) to rows of (metric, value, higher_is_better, evaluator-specific fields).
+`RUN_EVALUATORS` holds those that need the run itself (the faithful linear probe feeds fresh
+augmented views through the encoder every epoch). `evaluate_run` writes the rows of either kind as
 result records to RUN/eval/NAME.json.
 """
 
@@ -15,12 +17,15 @@ import numpy as np
 
 from mage_bench.config import DataConfig
 from mage_bench.errors import UserError
-from mage_bench.registry import Registry
+from mage_bench.registry import Registry, did_you_mean
 
 Row = tuple[str, float, bool, dict[str, Any]]
 Evaluator = Callable[..., list[Row]]  # (train_x, train_y, test_x, test_y, seed, **options) -> rows
 EVALUATORS: Registry[Evaluator] = Registry("evaluator")
-EVAL_ALL = ("linear", "fewshot", "knn")  # `eval all`; linear-mae (the paper's LARS probe) is asked for by name
+# (run: LoadedRun, data: DataConfig, seed, device=, progress=, **options) -> (rows, test images)
+RunEvaluator = Callable[..., tuple[list[Row], int]]
+RUN_EVALUATORS: Registry[RunEvaluator] = Registry("evaluator")
+EVAL_ALL = ("linear", "fewshot", "knn")  # `eval all`; the paper's LARS probes are asked for by name
 KNN_KS = (10, 20, 100, 200)
 FEATURE_EXTRACTOR = "mage-probe"  # the run's own encoder, official probe feature
 
@@ -34,13 +39,30 @@ def _linear(train_x, train_y, test_x, test_y, seed: int) -> list[Row]:
     return [("top1", r["top1"], True, extra), ("top5", r["top5"], True, extra)]
 
 
-@EVALUATORS.register("linear-mae")
-def _linear_mae(train_x, train_y, test_x, test_y, seed: int, device: str = "cpu", **options) -> list[Row]:
+def _mae_rows(result: dict[str, Any], protocol: str, augment: str, test_view: str) -> list[Row]:
+    """Rows of a paper-protocol probe; `protocol` keeps mae and mae-cached numbers apart in reports."""
+    extra = {"protocol": protocol, "augment": augment, "test_view": test_view,
+             **{k: result[k] for k in ("lr", "epochs", "warmup_epochs", "batch_size")}}
+    return [("top1", result["top1"], True, extra), ("top5", result["top5"], True, extra)]
+
+
+@EVALUATORS.register("linear-mae-cached")
+def _linear_mae_cached(train_x, train_y, test_x, test_y, seed: int, device: str = "cpu", **options) -> list[Row]:
+    from mage_bench.eval.features import TRANSFORM
     from mage_bench.eval.linear import linear_probe_mae
 
     r = linear_probe_mae(train_x, train_y, test_x, test_y, seed=seed, device=device, **options)
-    extra = {"protocol": "mae", "lr": r["lr"], "epochs": r["epochs"], "batch_size": r["batch_size"]}
-    return [("top1", r["top1"], True, extra), ("top5", r["top5"], True, extra)]
+    # The cached features are one deterministic view per image, the same for training and test.
+    return _mae_rows(r, "mae-cached", augment="none", test_view=TRANSFORM)
+
+
+@RUN_EVALUATORS.register("linear-mae")
+def _linear_mae(run: Any, data: DataConfig, seed: int, device: str = "cpu", progress: bool = False,
+                **options) -> tuple[list[Row], int]:
+    from mage_bench.eval.linear_views import linear_probe_mae_views
+
+    r = linear_probe_mae_views(run, data, seed=seed, device=device, progress=progress, **options)
+    return _mae_rows(r, "mae", augment=r["augment"], test_view=r["test_view"]), r["n_test"]
 
 
 @EVALUATORS.register("fewshot")
@@ -77,34 +99,60 @@ def run_data_config(config: Any, name: str | None = None) -> DataConfig:
     return dataclasses.replace(config.data, name=name) if name else config.data
 
 
+def check_evaluator(name: str) -> None:
+    """A `UserError` naming the choices unless `name` is a registered evaluator of either kind."""
+    if name not in EVALUATORS and name not in RUN_EVALUATORS:
+        names = sorted(EVALUATORS.names() + RUN_EVALUATORS.names())
+        raise UserError(f"unknown evaluator {name!r}{did_you_mean(name, names)}; choose one of: {', '.join(names)}")
+
+
 def evaluate_run(run_dir: str | Path | Any, names: list[str], data_name: str | None = None, progress: bool = False,
                  device: str = "cpu", options: dict[str, dict[str, Any]] | None = None,
                  cache_dir: str | Path | None = None, sweep: str | None = None) -> dict[str, list[dict[str, Any]]]:
-    """Run the named evaluators on the run's cached features; write and return their records.
+    """Run the named evaluators on the run's cached features (or on the run, for `RUN_EVALUATORS`);
+    write and return their records.
 
     The run is loaded once; its own data settings apply, `data_name` only swaps the data set.
-    Features are cached under RUN/eval/cache unless `cache_dir` says otherwise.
+    Features are cached under RUN/eval/cache unless `cache_dir` says otherwise, and extracted only
+    when an evaluator on features is asked for.
     """
-    from mage_bench.eval.features import extract_features
     from mage_bench.results import ResultRecord, config_hash, write_records
     from mage_bench.runs import EVAL_DIR, LoadedRun, load_run
 
-    evaluators = {name: EVALUATORS.get(name) for name in names}  # typos fail before any work
+    names = list(dict.fromkeys(names))  # asked twice, run once
+    for name in names:
+        check_evaluator(name)  # typos fail before any work
     run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, device)
     config, data = run.config, run_data_config(run.config, data_name)
-    train_x, train_y, _ = extract_features(run, data, "train", device=device, cache_dir=cache_dir, progress=progress)
-    test_x, test_y, _ = extract_features(run, data, "test", device=device, cache_dir=cache_dir, progress=progress)
+    features = None
+    if any(name in EVALUATORS for name in names):
+        features = _cached_features(run, data, device, cache_dir, progress)
     written = {}
-    for name, evaluate in evaluators.items():
+    for name in names:
+        name_options = (options or {}).get(name, {})
+        if name in RUN_EVALUATORS:
+            rows, n_test = RUN_EVALUATORS.get(name)(run, data, config.seed, device=device, progress=progress,
+                                                    **name_options)
+        else:
+            rows, n_test = EVALUATORS.get(name)(*features, config.seed, **name_options), len(features[3])
         records = [ResultRecord(sweep=sweep, run=run.path.name, evaluator=name, metric=metric, value=float(value),
-                                higher_is_better=better, n_samples=int(len(test_y)), dataset=data.name,
-                                split="test", feature_extractor=FEATURE_EXTRACTOR, seed=config.seed,
+                                higher_is_better=better, n_samples=int(n_test), dataset=data.name, split="test",
+                                feature_extractor=FEATURE_EXTRACTOR, seed=config.seed,
                                 config_hash=config_hash(config), extra=extra)
-                   for metric, value, better, extra in evaluate(np.asarray(train_x), train_y, np.asarray(test_x),
-                                                                test_y, config.seed, **(options or {}).get(name, {}))]
+                   for metric, value, better, extra in rows]
         write_records(run.path / EVAL_DIR / f"{name}.json", records)
         written[name] = [r.as_dict() for r in records]
     return written
+
+
+def _cached_features(run: Any, data: DataConfig, device: str, cache_dir: str | Path | None,
+                     progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train_x, train_y, test_x, test_y) of the run's probe features, from the cache when present."""
+    from mage_bench.eval.features import extract_features
+
+    train_x, train_y, _ = extract_features(run, data, "train", device=device, cache_dir=cache_dir, progress=progress)
+    test_x, test_y, _ = extract_features(run, data, "test", device=device, cache_dir=cache_dir, progress=progress)
+    return np.asarray(train_x), train_y, np.asarray(test_x), test_y
 
 
 # --------------------------------------------------------------------------------------------
