@@ -66,3 +66,27 @@ def digits_cnn(tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "digits-cnn"
     card = train_digits_cnn(out, seed=0)
     return out / DIGITS_CNN_FILE, card
+
+
+def chromium_figures(index, profile) -> tuple[int, int, list[str]] | None:
+    """Open a report's index.html in headless Chromium: (figures decoded, figures on the page, console
+    errors), read from the `data-figures` mark the page sets on body once loaded. None without Chromium
+    (Debian: apt install chromium); an assertion error when the page never set the mark."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    binary = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+                   if Path(p).is_file()), None)
+    if binary is None:
+        return None
+    result = subprocess.run(
+        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+         "--virtual-time-budget=10000", "--dump-dom", Path(index).as_uri()],
+        capture_output=True, text=True, timeout=180)
+    marker = re.search(r'data-figures="(\d+)/(\d+)"', result.stdout)
+    assert marker, result.stderr[-2000:]
+    console = [line for line in result.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    return int(marker.group(1)), int(marker.group(2)), console

@@ -11,75 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from mage_bench.report.collate import (
-    HEADLINES,
-    TIMING_COLUMNS,
-    beyond_noise,
-    collect,
-    headline_label,
-    seed_spread,
-    select,
-    summarise,
-)
+from mage_bench.report.collate import TIMING_COLUMNS, collect, summarise
 
 RESULTS_CSV, SUMMARY_CSV, INDEX_HTML = "results.csv", "summary.csv", "index.html"
-
-
-def _fmt(value: float, std: float | None = None) -> str:
-    if value is None or not np.isfinite(value):
-        return "–"
-    digits = 3 if abs(value) < 100 else 1
-    text = f"{value:.{digits}f}"
-    if std is not None and np.isfinite(std):
-        text += f" ± {std:.{digits}f}"
-    return text
-
-
-def _summary_table(results: pd.DataFrame, points: list[str], references: list[str]) -> dict[str, Any]:
-    """Rows = points then references, columns = headline metrics; best point per column marked."""
-    columns, rows = [], {p: {"label": p, "reference": p in references, "cells": []} for p in points + references}
-    for headline in HEADLINES:
-        data = select(results, headline)
-        if data.empty:
-            continue
-        higher = bool(data["higher_is_better"].iloc[0])
-        columns.append({"label": headline_label(headline, set(data["feature_extractor"])),
-                        "arrow": "↑" if higher else "↓", "n": int(data["n_samples"].max())})
-        means = {p: data[data["point"] == p]["value"].mean() for p in points}
-        valid = {p: m for p, m in means.items() if np.isfinite(m)}
-        best = (max if higher else min)(valid, key=valid.get) if valid else None
-        for p in points + references:
-            values = data[data["point"] == p]["value"]
-            std = values.std(ddof=1) if len(values) > 1 else None
-            rows[p]["cells"].append({"text": _fmt(values.mean() if len(values) else np.nan, std),
-                                     "count": len(values), "best": p == best})
-    return {"columns": columns, "rows": list(rows.values())}
-
-
-def _noise(results: pd.DataFrame, points: list[str]) -> list[dict[str, Any]]:
-    """Per headline metric: which pairs of points differ by more than the seed spread."""
-    out = []
-    for headline in HEADLINES:
-        data = select(results, headline)
-        data = data[data["role"] == "run"] if not data.empty else data
-        if data.empty:
-            continue
-        pairs, unknown = [], False
-        groups = {p: data[data["point"] == p]["value"] for p in points}
-        spread, df = seed_spread(list(groups.values()))
-        for i, a in enumerate(points):
-            for b in points[i + 1:]:
-                verdict = beyond_noise(groups[a], groups[b], spread, df)
-                if verdict is None:
-                    unknown = True
-                elif verdict:
-                    pairs.append(f"{a} vs {b}")
-        out.append({"label": headline_label(headline, set(data["feature_extractor"])), "pairs": pairs,
-                    "spread": spread, "df": df, "unknown": unknown, "within_noise": not pairs and not unknown})
-    return out
 
 
 def build_report(paths: list[str | Path], out_dir: str | Path) -> Path:
@@ -87,7 +23,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path) -> Path:
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     from mage_bench.io import atomic_write_text, utc_now
-    from mage_bench.report import figures
+    from mage_bench.report import figures, grid, tables
 
     collected = collect(paths)
     results = collected.results
@@ -105,20 +41,24 @@ def build_report(paths: list[str | Path], out_dir: str | Path) -> Path:
     if not points and not results.empty:  # plain run folders: one point per run
         points = sorted(set(results["point"]) - set(references))
     runs = sweep.get("runs") or [{"run": name, "point": name} for name in collected.folders]
-    noise = _noise(results, points) if not results.empty else []
+    noise = tables.noise(results, points) if not results.empty else []
+    axes = grid.axes_of(sweep)
     seeds = sweep.get("seeds", [])
     extractors = sorted(set(results["feature_extractor"])) if not results.empty else []
     gen = results[results["evaluator"] == "fid"] if not results.empty else results
     page = {
         "title": f"mage-bench report: {sweep.get('sweep', ', '.join(str(p) for p in paths))}",
         "sweep": sweep, "parameter": sweep.get("parameter", "run"), "seeds": seeds,
-        "table": _summary_table(results, points, references) if not results.empty else None,
+        "table": tables.summary_table(results, points, references) if not results.empty else None,
+        "differs": tables.differs_table(sweep),
+        "axes": [{"parameter": a.parameter, "count": len(a.labels)} for a in axes],
         "noise": noise, "all_within_noise": bool(noise) and all(n["within_noise"] for n in noise),
         "any_unknown": any(n["unknown"] for n in noise),
         "figures": {"metrics": figures.metrics_vs_parameter(results, points, sweep.get("parameter", "run"))
                     if not results.empty else None,
                     "tradeoff": figures.tradeoff(results, points) if not results.empty else None,
-                    "densities": figures.densities(sweep), "loss": figures.loss_curves(runs, collected.folders)},
+                    "densities": figures.densities(sweep), "loss": figures.loss_curves(runs, collected.folders),
+                    "heat_maps": grid.heat_maps(results, axes), "main_effects": grid.main_effects(results, axes)},
         "grids": [{"run": r["run"], "point": r["point"], "seed": r.get("seed"),
                    "png": figures.grid_image(collected.folders[r["run"]])}
                   for r in runs if r["run"] in collected.folders and figures.grid_image(collected.folders[r["run"]])],

@@ -2,7 +2,9 @@
 
 A sweep folder (with sweep.json) contributes its runs and its reference rows; any other folder is
 read as one run folder, or as a folder of run folders. Each record becomes one row of results.csv,
-with the run's sweep point (`point`), swept value (`swept_value`) and `role` (run | reference).
+with the run's sweep point (`point`), swept value (`swept_value`) and `role` (run | reference); a
+run of a grid sweep also gets one `axis:<parameter>` column per swept parameter, holding its label
+on that axis (so the CSV pivots by axis without parsing the combined point label).
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ REFERENCE_LABELS = {"reference-raw-pixels": "reference: raw pixels", "untrained"
                     "reference-real-test": "reference: real held-out images",
                     "reference-real-train": "reference: real held-out images"}
 TIMING_COLUMNS = ("created_at",)  # differ between otherwise identical reruns
+AXIS_PREFIX = "axis:"
+
+
+def axis_column(parameter: str) -> str:
+    """results.csv's column holding a run's label on the axis of this swept parameter."""
+    return AXIS_PREFIX + parameter
 
 
 @dataclass(frozen=True)
@@ -85,9 +93,10 @@ def collect(paths: list[str | Path]) -> Collected:
         if (folder / FAILED_FILE).is_file():
             failed.append({"run": folder.name, "point": point, **json.loads((folder / FAILED_FILE).read_text())})
         folders[folder.name] = folder
+        axes = {axis_column(parameter): label for parameter, label in (meta.get("axes") or {}).items()}
         for record in _records_of(folder):
             rows.append({**record, "point": point, "swept_value": json.dumps(meta.get("value")),
-                         "role": role})
+                         "role": role, **axes})
 
     for raw in paths:
         path = Path(raw)

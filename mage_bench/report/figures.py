@@ -6,24 +6,35 @@ import base64
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from mage_bench.report.collate import HEADLINES, Headline, headline_label, select
+from mage_bench.report.labels import place_labels
+
+if TYPE_CHECKING:  # matplotlib is imported only when a figure is drawn
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.legend import Legend
+
+DPI = 110  # figures are drawn and saved at one dpi, so text extents measured while drawing hold in the PNG
+NAME_REACH_PX = 20.0  # a name farther than this from its point would be read as another's: number instead
 
 
-def _png(fig) -> str:
+def png(fig: Figure) -> str:
+    """The figure as a base64 PNG (closed afterwards)."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display; imported only when a figure is drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,10 +50,10 @@ def _finish(fig, ax, xlabel: str, ylabel: str, title: str) -> str:
     if ax.get_legend_handles_labels()[1]:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png(fig)
 
 
-def _short(label: str, limit: int = 28) -> str:
+def short(label: str, limit: int = 28) -> str:
     """A user label fit for a figure: shortened, and '$' escaped so matplotlib never parses it as math."""
     label = label if len(label) <= limit else label[: limit - 1] + "…"
     return label.replace("$", r"\$")
@@ -50,7 +61,7 @@ def _short(label: str, limit: int = 28) -> str:
 
 def metrics_vs_parameter(results: pd.DataFrame, points: list[str], parameter: str) -> str | None:
     """One panel per headline metric: mean +- std over seeds per point, seeds as dots, references as lines."""
-    plt = _plt()
+    plt = pyplot()
     present = [h for h in HEADLINES if not select(results, h).empty]
     if not present or not points:
         return None
@@ -75,7 +86,7 @@ def metrics_vs_parameter(results: pd.DataFrame, points: list[str], parameter: st
                 ax.axhline(ref.mean(), color=color, linestyle=style, linewidth=1, label=name.split(": ")[1])
         arrow = "↑" if data["higher_is_better"].iloc[0] else "↓"
         ax.set_title(f"{headline_label(headline, set(data['feature_extractor']))} {arrow}", fontsize=9)
-        ax.set_xticks(x, [_short(p) for p in points], rotation=35, ha="right", fontsize=7)
+        ax.set_xticks(x, [short(p) for p in points], rotation=35, ha="right", fontsize=7)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(present):]:
         ax.axis("off")
@@ -85,7 +96,7 @@ def metrics_vs_parameter(results: pd.DataFrame, points: list[str], parameter: st
         axes.flat[first_generation].legend(fontsize=6, loc="best")
     fig.suptitle(f"each metric against {parameter}", fontsize=10)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def _pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
@@ -98,26 +109,27 @@ def _pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, 
     return front
 
 
-def tradeoff(results: pd.DataFrame, points: list[str]) -> str | None:
-    """Generation (FD/FID, lower better) against representation (linear top-1), Pareto front marked."""
-    plt = _plt()
+def tradeoff_figure(results: pd.DataFrame, points: list[str]) -> Figure | None:
+    """Generation (FD/FID, lower better) against representation (linear top-1), Pareto front marked;
+    every point labelled without overlaps (see _label_points). None without both metrics."""
+    plt = pyplot()
     gen, rep = select(results, HEADLINES[4]), select(results, HEADLINES[0])
     if gen.empty or rep.empty:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=DPI)
     coords = []
     for p in points:
         g, r = gen[(gen["point"] == p) & (gen["role"] == "run")]["value"], rep[(rep["point"] == p) & (rep["role"] == "run")]["value"]
-        if g.empty or r.empty:
+        if g.empty or r.empty or not np.isfinite([g.mean(), r.mean()]).all():
             continue
         coords.append((g.mean(), r.mean(), p))
         ax.errorbar(g.mean(), r.mean(), xerr=np.nan_to_num(g.std(ddof=1)), yerr=np.nan_to_num(r.std(ddof=1)),
                     fmt="o", capsize=3, color="tab:blue")
-        ax.annotate(_short(p, 24), (g.mean(), r.mean()), fontsize=7, xytext=(4, 4), textcoords="offset points")
     front = _pareto(coords)
     if len(front) > 1:
         ax.plot([f[0] for f in front], [f[1] for f in front], color="tab:red", linewidth=1.2, label="Pareto front")
     ax.scatter([f[0] for f in front], [f[1] for f in front], s=90, facecolors="none", edgecolors="tab:red")
+    avoid = []
     name = "reference: untrained model"
     g, r = gen[gen["point"] == name]["value"], rep[rep["point"] == name]["value"]
     if not g.empty and not r.empty and coords:
@@ -129,18 +141,49 @@ def tradeoff(results: pd.DataFrame, points: list[str]) -> str | None:
                        label=f"untrained model (off the axes): {g.mean():.3g}, {r.mean():.3f}")
         else:
             ax.scatter(g.mean(), r.mean(), marker="x", color="0.4", label=name)
+            avoid.append((g.mean(), r.mean()))
     label = headline_label(HEADLINES[4], set(gen["feature_extractor"]))
     ax.set_xlabel(f"{label} (lower is better) →")
     ax.set_ylabel("linear probe top-1 (higher is better) →")
     ax.set_title("generation vs representation (mean ± std over seeds)", fontsize=10)
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[1]:
-        ax.legend(fontsize=7)
-    return _png(fig)
+    # Outside the axes, the legend can never cover a point or its label.
+    legend = (ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+              if ax.get_legend_handles_labels()[1] else None)
+    _label_points(ax, coords, avoid, legend)
+    return fig
+
+
+def _label_points(ax: Axes, coords: list[tuple[float, float, str]], avoid: list[tuple[float, float]],
+                  legend: Legend | None) -> None:
+    """Each point's name right beside it when the names are distinct and fit there without
+    overlapping; otherwise numbers on the plot (led to their points where crowded) and a key beside
+    it. Should even numbers not fit (hundreds of points), the key gives each point's coordinates."""
+    anchors = [(x, y) for x, y, _ in coords]
+    names = [short(p, 24) for _, _, p in coords]
+    distinct = len(set(names)) == len(names)
+    if distinct and place_labels(ax, anchors, names, avoid=avoid, reach=NAME_REACH_PX) is not None:
+        return
+    numbered = place_labels(ax, anchors, [str(i) for i in range(1, len(coords) + 1)], avoid=avoid) is not None
+    if numbered:
+        lines = ["key"] + [f"{i}  {short(p, 60)}" for i, (_, _, p) in enumerate(coords, 1)]
+    else:
+        lines = ["too crowded to mark (FD, top-1)"]
+        lines += [f"{short(p, 60)}: {x:.3g}, {y:.3f}" for x, y, p in coords]
+    # Anchored below the legend (or where it would be), so the two blocks never overlap either.
+    where = {"xy": (0, 0), "xycoords": legend, "xytext": (0, -8)} if legend else \
+        {"xy": (1.02, 1.0), "xycoords": "axes fraction", "xytext": (0, 0)}
+    ax.annotate("\n".join(lines), textcoords="offset points", va="top", ha="left", fontsize=7, **where)
+
+
+def tradeoff(results: pd.DataFrame, points: list[str]) -> str | None:
+    """The trade-off figure as a base64 PNG (None without generation and probe metrics)."""
+    fig = tradeoff_figure(results, points)
+    return png(fig) if fig is not None else None
 
 
 def densities(sweep: dict[str, Any]) -> str | None:
-    plt = _plt()
+    plt = pyplot()
     dens = sweep.get("densities") or {}
     if not dens:
         return None
@@ -148,15 +191,15 @@ def densities(sweep: dict[str, Any]) -> str | None:
     for i, (label, d) in enumerate(dens.items()):
         color = f"C{i % 10}"
         if d.get("point_mass") is not None:
-            ax.axvline(d["point_mass"], color=color, linewidth=2, label=f"{_short(label)} (point mass)")
+            ax.axvline(d["point_mass"], color=color, linewidth=2, label=f"{short(label)} (point mass)")
         else:
             y = np.array([np.nan if v is None else v for v in d["pdf"]], dtype=float)
-            ax.plot(d["x"], y, color=color, label=_short(label))
+            ax.plot(d["x"], y, color=color, label=short(label))
     return _finish(fig, ax, "masking ratio", "density", "masking-ratio distributions swept")
 
 
 def loss_curves(runs: list[dict[str, Any]], folders: dict[str, Path]) -> str | None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     colors: dict[str, str] = {}
     labelled: set[str] = set()
@@ -170,7 +213,7 @@ def loss_curves(runs: list[dict[str, Any]], folders: dict[str, Path]) -> str | N
             continue
         color = colors.setdefault(run["point"], f"C{len(colors) % 10}")
         ax.plot([r["step"] for r in lines], [r["loss"] for r in lines], color=color, linewidth=0.9, alpha=0.8,
-                label=None if run["point"] in labelled else _short(run["point"]))
+                label=None if run["point"] in labelled else short(run["point"]))
         labelled.add(run["point"])
         drawn = True
     if not drawn:
@@ -184,4 +227,5 @@ def grid_image(folder: Path) -> str | None:
     return base64.b64encode(path.read_bytes()).decode("ascii") if path.is_file() else None
 
 
-__all__ = ["Headline", "densities", "grid_image", "loss_curves", "metrics_vs_parameter", "tradeoff"]
+__all__ = ["DPI", "Headline", "densities", "grid_image", "loss_curves", "metrics_vs_parameter", "png", "pyplot",
+           "short", "tradeoff", "tradeoff_figure"]
