@@ -343,18 +343,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "sweep", help="run a sweep spec (train, evaluate every run) and write its report",
-        description="Expand a sweep spec into runs, train and evaluate each (DONE runs are skipped, interrupted "
+        description="Expand a sweep spec into runs, refuse it when its points differ in anything but the swept "
+                    "(or declared coupled) keys, train and evaluate each run (DONE runs are skipped, interrupted "
                     "ones resume), then write reports/<sweep>/. Exit 1 when some runs failed.",
         epilog="examples:\n  mage-bench sweep masking                 (the tiny preset: ~10 min on 2 CPU cores)\n"
-               "  mage-bench sweep masking --preset digits --dry-run\n"
+               "  mage-bench sweep drop --preset digits --dry-run   (prints what differs between points)\n"
+               "  mage-bench sweep masking-x-contrastive    (a 3 x 3 grid: heat maps in the report)\n"
                "  mage-bench sweep contrastive --preset cifar10 --executor slurm",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("spec", help="masking | contrastive | PATH.yaml")
+    p.add_argument("spec", help="masking | drop | contrastive | masking-x-contrastive | PATH.yaml")
     p.add_argument("--preset", help="tiny (default) | digits | cifar10 | paper, or one of the spec's own")
     p.add_argument("--executor", help="local (default) | torchrun | slurm")
     p.add_argument("--runs", help="run folders (default runs/<sweep>)")
     p.add_argument("--out", help="report folder (default reports/<sweep>)")
-    p.add_argument("--dry-run", action="store_true", help="print the runs and what would execute; run nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the runs, what differs between points and what would execute; run nothing")
     p.add_argument("--partition", help="slurm: partition (default: the spec's executor.slurm.partition)")
     p.add_argument("--gpus", type=int, help="slurm: GPUs per node")
     p.add_argument("--time-min", type=int, help="slurm: time limit per run, minutes")

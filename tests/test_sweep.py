@@ -197,8 +197,12 @@ def test_grid_expands_to_the_full_product_with_stable_names(tmp_path, tiny_token
     assert plans[1].axes == {"masking.spec": "official", "contrastive.weight": "w1"}
     assert plans[1].value == {"masking.spec": "truncnorm:mean=0.55,std=0.25,min=0.5,max=1.0", "contrastive.weight": 1.0}
     assert plans[1].config.contrastive.weight == 1.0 and plans[2].config.masking.spec == "fixed:ratio=0.75"
-    # a one-axis spec keeps the run names it always had (label slug, content digest, seed)
-    assert expand(load_spec("masking"), "t")[0].name == "truncnorm-0.55-0.25-official-5a6c71-s0"
+    # a one-axis spec keeps the run names it always had: label slug, sha256 of [label, value, overrides], seed
+    import hashlib
+
+    point = load_spec("masking").points[0]
+    digest = hashlib.sha256(json.dumps([point.label, point.value, {}], sort_keys=True).encode()).hexdigest()[:6]
+    assert expand(load_spec("masking"), "t")[0].name == f"{slug(point.label)}-{digest}-s0"
 
 
 def test_grid_sweep_runs_and_resumes_cell_by_cell(tmp_path, tiny_tokenizer_dir, digits_cnn):
@@ -354,8 +358,9 @@ def test_torchrun_executor_trains_with_two_processes(tmp_path, tiny_tokenizer_di
     assert load_run(run).step == 6
 
 
-def test_sigkill_then_rerun_gives_the_uninterrupted_results(tmp_path, tiny_tokenizer_dir, digits_cnn):
-    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn)
+@pytest.mark.parametrize("make_spec", [micro_spec, grid_spec], ids=["one-axis", "grid"])
+def test_sigkill_then_rerun_gives_the_uninterrupted_results(tmp_path, tiny_tokenizer_dir, digits_cnn, make_spec):
+    path = make_spec(tmp_path, tiny_tokenizer_dir, digits_cnn)
     command = [sys.executable, "-m", "mage_bench.cli", "sweep", str(path), "--quiet"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     tic = time.perf_counter()
