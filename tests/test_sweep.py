@@ -300,6 +300,9 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_tokenize
     points = [{"label": "good", "value": "fixed:ratio=0.75"},
               {"label": "diverges", "value": "fixed:ratio=0.75", "overrides": {"train": {"blr": 1.0e30}}}]
     path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, points=points)
+    raw = yaml.safe_load(path.read_text())
+    raw["coupled"] = [{"key": "train.blr", "reason": "one point diverges on purpose"}]
+    path.write_text(yaml.safe_dump(raw))
     code = main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
     captured = capsys.readouterr()
     assert code == 1 and "1 of 2 runs failed" in captured.err
