@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mage_bench.config import to_dict
-from mage_bench.confounds import check_confounds
+from mage_bench.confounds import check_confounds, format_table
 from mage_bench.errors import UserError
 from mage_bench.sweep_spec import RunPlan, SweepSpec, check_parameter, expand, load_spec, slug
 
@@ -268,8 +268,6 @@ def dry_run_table(ctx: SweepContext, plans: list[RunPlan]) -> str:
         tok_state = "exists"
     else:
         tok_state = "missing: import or train it first" if ctx.spec.tokenizer.path else "would be trained"
-    from mage_bench.confounds import format_table
-
     lines += ["", format_table(ctx.differs)]
     lines += ["", f"would execute: {pending} of {len(plans)} runs with the {ctx.spec.executor.name} executor; "
               f"tokenizer {tokenizer} ({tok_state}); report to {ctx.report_dir}"]

@@ -256,6 +256,8 @@ def expand(spec: SweepSpec, tokenizer: str) -> list[RunPlan]:
         for point in cell.values():
             layer = deep_merge(layer, point.overrides)
         label = CELL_SEPARATOR.join(p.label for p in cell.values())
+        if any(plan.point == label for plan in plans):  # e.g. "a × b" + "c" and "a" + "b × c"
+            raise ConfigError(f"points[{i}]: the grid label {label!r} is made twice; change a point's label")
         value = next(iter(cell.values())).value if len(cell) == 1 else {k: p.value for k, p in cell.items()}
         name = f"{slug(label)}-{_point_digest(cell)}"
         for seed in spec.seeds:

@@ -165,6 +165,12 @@ def test_coupled_and_grid_spec_errors(tmp_path, tiny_tokenizer_dir, digits_cnn, 
         ({"coupled": [{"key": "masking.spec", "reason": "x"}]}, "swept already"),
         ({"parameters": [axis]}, "not both"),
         ({"parameter": "", "points": [], "parameters": [axis, axis]}, "listed twice"),
+        ({"parameter": "", "points": [], "parameters": [
+            {"parameter": "masking.spec", "points": [{"label": "a × b", "value": "fixed:ratio=0.75"},
+                                                     {"label": "a", "value": "fixed:ratio=0.6"}]},
+            {"parameter": "contrastive.weight", "points": [{"label": "c", "value": 0.0},
+                                                           {"label": "b × c", "value": 0.1}]}]},
+         "made twice"),
     ]
     for change, message in cases:
         bad = tmp_path / "bad.yaml"
