@@ -408,7 +408,7 @@ class MaskingConfig:
     per: str = "process"
     # A drop share above the distribution's lower bound is refused (dropped tokens must be masked),
     # unless this is set: then draws below the drop share are raised to it, which changes the realised
-    # distribution (a sweep must declare that as coupled).
+    # distribution (sweeps show each point's realised mean ratio beside its drop share).
     clamp_to_drop: bool = False
 
     @classmethod

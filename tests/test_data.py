@@ -5,7 +5,7 @@ from PIL import Image
 
 from mage_bench.config import DataConfig
 from mage_bench.data import create_dataset, digits_split_indices
-from mage_bench.errors import DataError, UserError
+from mage_bench.errors import ConfigError, DataError, UserError
 
 
 def test_digits_shapes_range_and_split():
@@ -119,3 +119,18 @@ def test_cifar10_missing_files_without_download(tmp_path):
         create_dataset(DataConfig(name=f"cifar10:{tmp_path}", image_size=32), "train")
     with pytest.raises(DataError, match="cifar10 needs a root folder"):
         create_dataset(DataConfig(name="cifar10"), "train")
+
+
+def test_folder_resizes_are_bilinear_by_default_and_recorded():
+    from torchvision import transforms as T
+
+    from mage_bench.config import from_dict
+    from mage_bench.data import image_transform
+
+    assert DataConfig().resize == "bilinear"  # the official pre-training crops and FID reference resize
+    for train in (True, False):
+        first = image_transform(32, train).transforms[0]
+        assert first.interpolation == T.InterpolationMode.BILINEAR
+        assert image_transform(32, train, "bicubic").transforms[0].interpolation == T.InterpolationMode.BICUBIC
+    with pytest.raises(ConfigError, match="resize must be one of bilinear, bicubic"):
+        from_dict(DataConfig, {"resize": "nearest"}, "data")

@@ -9,7 +9,7 @@ from mage_bench.config import RunConfig, resolve_config
 from mage_bench.errors import UserError
 from mage_bench.mage import create_model
 from mage_bench.mage.generate import decoding_noise, iterative_decode
-from mage_bench.sampling import generate_images
+from mage_bench.sampling import generate_images, to_uint8
 from mage_bench.train import train
 
 
@@ -66,3 +66,9 @@ def test_generate_writes_pngs_a_grid_and_resumes(tmp_path, tiny_run_layer):
         generate_images(tmp_path / "run", 5, out, steps=4, progress=False)
     with pytest.raises(UserError, match="is not a trained run"):
         generate_images(tmp_path / "nothing", 5, tmp_path / "x", progress=False)
+
+
+def test_png_quantisation_truncates_as_officially_or_rounds():
+    pixels = torch.tensor([0.0, 0.5, 0.999, 1.0, 1.2, -0.1])  # 0.5 * 255 = 127.5
+    assert to_uint8(pixels).tolist() == [0, 127, 254, 255, 255, 0]  # (x * 255).astype(uint8)
+    assert to_uint8(pixels, "round").tolist() == [0, 128, 255, 255, 255, 0]
