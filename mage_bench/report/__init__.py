@@ -59,9 +59,9 @@ def build_report(paths: list[str | Path], out_dir: str | Path) -> Path:
                     "tradeoff": figures.tradeoff(results, points) if not results.empty else None,
                     "densities": figures.densities(sweep), "loss": figures.loss_curves(runs, collected.folders),
                     "heat_maps": grid.heat_maps(results, axes), "main_effects": grid.main_effects(results, axes)},
-        "grids": [{"run": r["run"], "point": r["point"], "seed": r.get("seed"),
-                   "png": figures.grid_image(collected.folders[r["run"]])}
-                  for r in runs if r["run"] in collected.folders and figures.grid_image(collected.folders[r["run"]])],
+        "grids": [g for g in ({"run": r["run"], "point": r["point"], "seed": r.get("seed"),
+                               "png": figures.grid_image(collected.folders[r["run"]])}
+                              for r in runs if r["run"] in collected.folders) if g["png"]],  # each PNG read once
         "failed": collected.failed,
         "nonstandard": sorted(set(gen["feature_extractor"]) - {"inception-v3"}) if len(gen) else [],
         "extractors": extractors,
