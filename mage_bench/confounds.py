@@ -88,8 +88,8 @@ def check_confounds(spec: Any, plans: list[Any]) -> dict[str, Any]:
     # Swept keys first, in the spec's order (shown even where resolved values agree), then the coupled
     # keys that do differ.
     first = next(iter(points.values()))
-    shown = [k for k in first if _under(k, swept)] + [k for k in differing if _under(k, coupled) and not _under(k, swept)]
-    shown = sorted(shown, key=lambda k: next(i for i, name in enumerate(swept + coupled) if _under(k, [name])))
+    shown = list(dict.fromkeys([k for name in swept for k in first if _under(k, [name])]
+                               + [k for name in coupled for k in differing if _under(k, [name]) and not _under(k, swept)]))
     return {
         "swept": swept,
         "coupled": [{"key": c.key, "reason": c.reason} for c in spec.coupled],
