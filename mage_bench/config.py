@@ -1,25 +1,31 @@
-"""Typed, frozen configuration: the one place where defaults live.
+"""Typed, frozen configuration sections of runs and tokenizer jobs: the one place where their defaults live.
 
-Precedence is implemented once, in `resolve_config`: CLI > config file > dataclass defaults.
-Layers are merged as plain dicts first and only then turned into dataclasses, so a file that says
-`tokenizer: {name: vqgan_mage}` starts from that preset, not from the default preset's numbers.
-Unknown keys are errors naming the full key path with a "did you mean".
+The machinery (from_dict, to_dict, precedence CLI > file > defaults, YAML) is `mage_bench.schema`,
+re-exported here; the model's section and presets live beside the model (`mage_bench.mage.presets`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from collections.abc import Mapping
+import functools
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from mage_bench.errors import ConfigError, UserError
-from mage_bench.registry import Registry, did_you_mean
+from mage_bench.mage.presets import MODEL_PRESETS, ModelConfig
+from mage_bench.registry import Registry
+from mage_bench.schema import (  # noqa: F401  (re-exported: the names every caller imports from here)
+    cli_layer,
+    deep_merge,
+    dump_yaml,
+    from_dict,
+    load_yaml,
+    require,
+    require_same_config,
+    resolve_config,
+    to_dict,
+)
 
-C = TypeVar("C")
+__all__ = ["MODEL_PRESETS", "ModelConfig", "cli_layer", "deep_merge", "dump_yaml", "from_dict", "load_yaml",
+           "require_same_config", "resolve_config", "to_dict"]
 
 # --------------------------------------------------------------------------------------------
 # Sections
@@ -45,7 +51,7 @@ class DataConfig:
     resize: str = "bilinear"
 
     def validate(self, path: str) -> None:
-        _require(self.resize in RESIZE_FILTERS, f"{path}.resize must be one of {', '.join(RESIZE_FILTERS)}, "
+        require(self.resize in RESIZE_FILTERS, f"{path}.resize must be one of {', '.join(RESIZE_FILTERS)}, "
                                                 f"not {self.resize!r}")
 
 
@@ -103,14 +109,14 @@ class TokenizerConfig:
         return self.resolution // self.downsample
 
     def validate(self, path: str) -> None:
-        _require(self.ch > 0 and self.num_res_blocks >= 1, f"{path}.ch/num_res_blocks must be positive")
-        _require(len(self.ch_mult) >= 1 and all(m > 0 for m in self.ch_mult), f"{path}.ch_mult must be positive")
+        require(self.ch > 0 and self.num_res_blocks >= 1, f"{path}.ch/num_res_blocks must be positive")
+        require(len(self.ch_mult) >= 1 and all(m > 0 for m in self.ch_mult), f"{path}.ch_mult must be positive")
         for width in [self.ch * m for m in self.ch_mult]:
-            _require(width % self.norm_groups == 0,
+            require(width % self.norm_groups == 0,
                      f"{path}.norm_groups={self.norm_groups} must divide every width ch*ch_mult ({width})")
-        _require(self.resolution % self.downsample == 0,
+        require(self.resolution % self.downsample == 0,
                  f"{path}.resolution={self.resolution} must be divisible by 2**(len(ch_mult)-1)={self.downsample}")
-        _require(self.n_embed >= 2 and self.embed_dim >= 1, f"{path}.n_embed/embed_dim too small")
+        require(self.n_embed >= 2 and self.embed_dim >= 1, f"{path}.n_embed/embed_dim too small")
 
 
 @dataclass(frozen=True)
@@ -136,13 +142,13 @@ class TokenizerTrainConfig:
     eval_images: int = 512  # test images used for the card's reconstruction metrics
 
     def validate(self, path: str) -> None:
-        _require(self.steps >= 1, f"{path}.steps must be >= 1")
-        _require(self.batch_size >= 2, f"{path}.batch_size must be >= 2")
-        _require(self.lr > 0, f"{path}.lr must be > 0")
-        _require(self.codebook_init in ("kmeans", "uniform"),
+        require(self.steps >= 1, f"{path}.steps must be >= 1")
+        require(self.batch_size >= 2, f"{path}.batch_size must be >= 2")
+        require(self.lr > 0, f"{path}.lr must be > 0")
+        require(self.codebook_init in ("kmeans", "uniform"),
                  f"{path}.codebook_init must be 'kmeans' or 'uniform', not {self.codebook_init!r}")
-        _require(self.checkpoint_every >= 1 and self.log_every >= 1, f"{path}.checkpoint_every/log_every must be >= 1")
-        _require(self.gan_weight >= 0, f"{path}.gan_weight must be >= 0")
+        require(self.checkpoint_every >= 1 and self.log_every >= 1, f"{path}.checkpoint_every/log_every must be >= 1")
+        require(self.gan_weight >= 0, f"{path}.gan_weight must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -155,244 +161,10 @@ class TokenizerJobConfig:
     train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
 
     def validate(self, path: str = "") -> None:
-        _require(self.data.image_size == self.tokenizer.resolution,
+        require(self.data.image_size == self.tokenizer.resolution,
                  f"data.image_size={self.data.image_size} differs from tokenizer.resolution="
                  f"{self.tokenizer.resolution}; set one to match the other")
 
-
-# --------------------------------------------------------------------------------------------
-# Machinery
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _coerce(value: Any, hint: Any, path: str) -> Any:
-    """Check `value` against the type hint, converting only lossless cases (int -> float, list -> tuple)."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], path)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{path} must be a mapping of {hint.__name__} keys, not {type(value).__name__}")
-        return from_dict(hint, value, path)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path} must be a list, not {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{path} must have {len(args)} entries, not {len(value)}")
-        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if origin in (dict, Mapping):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{path} must be a mapping, not {value!r}")
-        return dict(value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path} must be true or false, not {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path} must be an integer, not {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{path} must be a number, not {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{path} must be a string, not {value!r}")
-    return value
-
-
-def from_dict(cls: type[C], data: Mapping[str, Any] | None, path: str = "") -> C:
-    """Build dataclass `cls` from a (possibly partial) mapping, rejecting unknown keys.
-
-    A class with `preset_defaults(name)` starts from the named preset's values.
-    """
-    data = dict(data or {})
-    if hasattr(cls, "migrate"):  # keys renamed since older run folders were written
-        data = cls.migrate(data)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            where = _join(path, str(key))
-            raise ConfigError(f"unknown config key {where!r}{did_you_mean(str(key), names)}")
-    if hasattr(cls, "preset_defaults") and "name" in data:
-        if not isinstance(data["name"], str):
-            raise ConfigError(f"{_join(path, 'name')} must be a string, not {data['name']!r}")
-        try:
-            preset = cls.preset_defaults(data["name"])
-        except ConfigError:
-            raise
-        except Exception as exc:  # registry miss: say which key held the bad name
-            raise ConfigError(f"{_join(path, 'name')}: {exc}") from None
-        data = {**preset, **data}
-    hints = typing.get_type_hints(cls)
-    kwargs = {key: _coerce(value, hints[key], _join(path, key)) for key, value in data.items()}
-    obj = cls(**kwargs)
-    if hasattr(obj, "validate"):
-        obj.validate(path or cls.__name__)
-    return obj
-
-
-def to_dict(obj: Any) -> Any:
-    """A plain, YAML/JSON-safe dict (tuples become lists)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, Mapping):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
-
-
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursively overlay `override` on `base` (mappings merge; everything else is replaced)."""
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def resolve_config(cls: type[C], file_layer: Mapping[str, Any] | None = None,
-                   cli_layer: Mapping[str, Any] | None = None) -> C:
-    """The one implementation of precedence: CLI > config file > dataclass defaults."""
-    return from_dict(cls, deep_merge(dict(file_layer or {}), dict(cli_layer or {})))
-
-
-def require_same_config(stored: Mapping[str, Any], current: Any, where: str) -> None:
-    """Resuming needs the config the run started with; name the sections that changed."""
-    now = to_dict(current)
-    if dict(stored) != now:
-        changed = [k for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)]
-        raise UserError(f"the config differs from the one {where} was trained with (sections: "
-                        f"{', '.join(changed)}); resume with the same config or choose another --out")
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top, not {type(data).__name__}")
-    return data
-
-
-def dump_yaml(obj: Any) -> str:
-    import yaml
-
-    return yaml.safe_dump(to_dict(obj), sort_keys=False)
-
-
-def cli_layer(**dotted: Any) -> dict[str, Any]:
-    """{'train.steps': 5, 'seed': None} -> {'train': {'steps': 5}}; None means 'not given on the CLI'."""
-    layer: dict[str, Any] = {}
-    for key, value in dotted.items():
-        if value is None:
-            continue
-        node = layer
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return layer
-
-
-# --------------------------------------------------------------------------------------------
-# MAGE runs (`mage-bench train`)
-
-# Model presets. The official sizes follow models_mage.py (mage_vit_base_patch16 /
-# mage_vit_large_patch16: 256 tokens, 1024 codes, 1000 reserved class ids, fake class id 1100,
-# the legacy unused parameters kept so official checkpoints load strictly).
-MODEL_PRESETS: Registry[dict[str, Any]] = Registry("model")
-_OFFICIAL = dict(num_tokens=256, codebook_size=1024, num_class_ids=1000, fake_class_offset=76,
-                 mlp_ratio=4.0, dropout=0.1, legacy_params=True, img_size=256, patch_size=16)
-MODEL_PRESETS.register("mage_vit_base_patch16")(
-    dict(_OFFICIAL, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=768, decoder_depth=8,
-         decoder_num_heads=16))
-MODEL_PRESETS.register("mage_vit_large_patch16")(
-    dict(_OFFICIAL, embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=1024, decoder_depth=8,
-         decoder_num_heads=16))
-# CPU presets for the digits tokenizers. One class id is enough: the 1000 reserved ids of the
-# official vocabulary are a legacy of its JAX checkpoint. Dropout is off: on CPU its random masks
-# cost about 40% of a step (measured: mage_small 2.84 -> 1.81 s per step without it), and the heavy
-# masking already regularises.
-_DIGITS = dict(codebook_size=128, num_class_ids=1, fake_class_offset=0, mlp_ratio=4.0,
-               dropout=0.0, legacy_params=False, img_size=16, patch_size=4)
-# mage_tiny: the digits default, on vq_digits' 4x4 = 16 tokens.
-MODEL_PRESETS.register("mage_tiny")(
-    dict(_DIGITS, num_tokens=16, embed_dim=64, depth=4, num_heads=2, decoder_embed_dim=64, decoder_depth=2,
-         decoder_num_heads=2))
-# mage_small: wider and deeper, on vq_digits_8x8's 64 tokens (the finer grid a larger model can use).
-MODEL_PRESETS.register("mage_small")(
-    dict(_DIGITS, num_tokens=64, patch_size=2, embed_dim=192, depth=6, num_heads=6, decoder_embed_dim=192,
-         decoder_depth=4, decoder_num_heads=6))
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """MAGE encoder/decoder. Names follow the official constructor where it has one."""
-
-    name: str = "mage_tiny"  # preset the other fields start from
-    num_tokens: int = 16  # L: tokens per image (token grid h*w of the tokenizer)
-    codebook_size: int = 128  # tokenizer codes; logits beyond these are never trained
-    num_class_ids: int = 1  # ids reserved after the codes (official 1000)
-    fake_class_offset: int = 0  # class-token id = codebook_size + this (official 76 -> id 1100)
-    embed_dim: int = 64
-    depth: int = 4
-    num_heads: int = 2
-    decoder_embed_dim: int = 64
-    decoder_depth: int = 2
-    decoder_num_heads: int = 2
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0  # embedding, attention, projection and MLP dropout (official 0.1)
-    legacy_params: bool = False  # keep the official never-used parameters (strict loading)
-    img_size: int = 16  # only sizes the legacy patch_embed / decoder_pred parameters
-    patch_size: int = 4
-
-    @classmethod
-    def preset_defaults(cls, name: str) -> dict[str, Any]:
-        return dict(MODEL_PRESETS.get(name), name=name)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.codebook_size + self.num_class_ids + 1  # codes, class ids, [MASK]
-
-    def validate(self, path: str) -> None:
-        _require(self.embed_dim % self.num_heads == 0, f"{path}.embed_dim must be divisible by num_heads")
-        _require(self.decoder_embed_dim % self.decoder_num_heads == 0,
-                 f"{path}.decoder_embed_dim must be divisible by decoder_num_heads")
-        _require(0 <= self.fake_class_offset < self.num_class_ids,
-                 f"{path}.fake_class_offset must be in [0, num_class_ids)")
-        _require(self.num_tokens >= 2 and self.depth >= 1 and self.decoder_depth >= 1,
-                 f"{path}: num_tokens >= 2, depth >= 1 and decoder_depth >= 1 are required")
-        _require(0.0 <= self.dropout < 1.0, f"{path}.dropout must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -420,7 +192,15 @@ class MaskingConfig:
         return data
 
     def validate(self, path: str) -> None:
-        _require(self.per in MASKING_PER, f"{path}.per must be one of {', '.join(MASKING_PER)}, not {self.per!r}")
+        require(self.per in MASKING_PER, f"{path}.per must be one of {', '.join(MASKING_PER)}, not {self.per!r}")
+
+    @functools.cached_property
+    def distribution(self) -> Any:
+        """The `MaskingDistribution` of `spec`, built once per config object (training, the confound
+        guard and the report's densities all read this one instead of parsing the string again)."""
+        from mage_bench.mage.masking import create_masking
+
+        return create_masking(self.spec)
 
 
 @dataclass(frozen=True)
@@ -433,8 +213,8 @@ class ContrastiveConfig:
     proj_dim: int = 128
 
     def validate(self, path: str) -> None:
-        _require(self.weight >= 0, f"{path}.weight must be >= 0")
-        _require(self.temperature > 0, f"{path}.temperature must be > 0")
+        require(self.weight >= 0, f"{path}.weight must be >= 0")
+        require(self.temperature > 0, f"{path}.temperature must be > 0")
 
 
 @dataclass(frozen=True)
@@ -458,14 +238,14 @@ class TrainConfig:
     log_every: int = 10
 
     def validate(self, path: str) -> None:
-        _require(self.steps >= 1 and self.batch_size >= 2, f"{path}: steps >= 1 and batch_size >= 2 are required")
-        _require(self.blr > 0 and self.weight_decay >= 0, f"{path}: blr > 0 and weight_decay >= 0 are required")
-        _require(self.augment in ("auto", "none", "affine", "dataset"),
+        require(self.steps >= 1 and self.batch_size >= 2, f"{path}: steps >= 1 and batch_size >= 2 are required")
+        require(self.blr > 0 and self.weight_decay >= 0, f"{path}: blr > 0 and weight_decay >= 0 are required")
+        require(self.augment in ("auto", "none", "affine", "dataset"),
                  f"{path}.augment must be auto, none, affine or dataset, not {self.augment!r}")
-        _require(self.amp in ("auto", "off", "bf16", "fp16"), f"{path}.amp must be auto, off, bf16 or fp16")
-        _require(self.device in ("auto", "cpu", "cuda"), f"{path}.device must be auto, cpu or cuda")
-        _require(0 <= self.label_smoothing < 1, f"{path}.label_smoothing must be in [0, 1)")
-        _require(self.checkpoint_every >= 1 and self.log_every >= 1, f"{path}: checkpoint_every/log_every >= 1")
+        require(self.amp in ("auto", "off", "bf16", "fp16"), f"{path}.amp must be auto, off, bf16 or fp16")
+        require(self.device in ("auto", "cpu", "cuda"), f"{path}.device must be auto, cpu or cuda")
+        require(0 <= self.label_smoothing < 1, f"{path}.label_smoothing must be in [0, 1)")
+        require(self.checkpoint_every >= 1 and self.log_every >= 1, f"{path}: checkpoint_every/log_every >= 1")
 
 
 @dataclass(frozen=True)
@@ -479,9 +259,63 @@ class GenerateConfig:
     png: str = "truncate"
 
     def validate(self, path: str) -> None:
-        _require(self.png in PNG_QUANTISATION, f"{path}.png must be truncate or round, not {self.png!r}")
-        _require(self.steps >= 1, f"{path}.steps must be >= 1")
-        _require(self.temperature >= 0, f"{path}.temperature must be >= 0")
+        require(self.png in PNG_QUANTISATION, f"{path}.png must be truncate or round, not {self.png!r}")
+        require(self.steps >= 1, f"{path}.steps must be >= 1")
+        require(self.temperature >= 0, f"{path}.temperature must be >= 0")
+
+
+EVAL_DEVICES = ("auto", "cpu", "cuda")
+REAL_SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Every evaluation setting and its default, once. The CLI's evaluation flags are these names with
+    dashes (`--num-samples`, `--real-split`, `--knn-temperature`, ...), a sweep spec's `eval:` section
+    uses them as keys, and the evaluation runner reads nothing else."""
+
+    # Generation metrics (FID/IS/KID/PR)
+    num_samples: int | None = None  # images generated per run; None: as many as the reference split holds
+    real_split: str = "train"  # split of a data set used as the real side
+    extractor: str | None = None  # None: digits-cnn for the bundled digits, inception-v3 otherwise
+    weights: str | None = None  # the extractor's weights file (else its own default place)
+    backend: str = "torch-fidelity"  # torch-fidelity | clean-fid
+    device: str = "auto"  # auto | cpu | cuda
+    # kNN (DINO's weighted vote) and retrieval
+    knn_ks: tuple[int, ...] = (10, 20, 100, 200)
+    knn_temperature: float = 0.07
+    # Few-shot logistic regression: shots per class, seeded draws per shot count
+    fewshot_shots: tuple[int, ...] = (1, 2, 5, 10)
+    fewshot_draws: int = 5
+    # The paper's linear-probe head (`eval linear --protocol mae|mae-cached`); None: the protocol's own
+    # default (90 epochs, batch 4096, blr 0.1: `mage_bench.eval.linear.HeadSchedule`)
+    probe_epochs: int | None = None
+    probe_batch_size: int | None = None
+    probe_blr: float | None = None
+    # Sweeps only: also evaluate raw pixels, the untrained model and real held-out images
+    references: bool = True
+
+    def validate(self, path: str) -> None:
+        require(self.num_samples is None or self.num_samples >= 2, f"{path}.num_samples must be >= 2")
+        require(self.real_split in REAL_SPLITS, f"{path}.real_split must be train or test, not {self.real_split!r}")
+        require(self.device in EVAL_DEVICES, f"{path}.device must be auto, cpu or cuda, not {self.device!r}")
+        require(bool(self.knn_ks) and all(k >= 1 for k in self.knn_ks), f"{path}.knn_ks must be integers >= 1")
+        require(self.knn_temperature > 0, f"{path}.knn_temperature must be > 0")
+        require(bool(self.fewshot_shots) and all(k >= 1 for k in self.fewshot_shots),
+                f"{path}.fewshot_shots must be integers >= 1")
+        require(self.fewshot_draws >= 2, f"{path}.fewshot_draws must be >= 2 (a spread needs two draws)")
+        for name in ("probe_epochs", "probe_batch_size"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, f"{path}.{name} must be >= 1")
+        require(self.probe_blr is None or self.probe_blr > 0, f"{path}.probe_blr must be > 0")
+
+    def probe_schedule(self) -> dict[str, Any]:
+        """The linear-probe head settings given (epochs, batch_size, blr), for `HeadSchedule`."""
+        given = {"epochs": self.probe_epochs, "batch_size": self.probe_batch_size, "blr": self.probe_blr}
+        return {k: v for k, v in given.items() if v is not None}
+
+
+DEFAULT_EVAL = EvalConfig()  # frozen, so one shared instance serves as every function's default
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """MAGE: model presets by name (`create_model`), masking distributions, MAGE-C, decoding.
 
-`create_model(name, **overrides)` builds a registered preset (`config.MODEL_PRESETS`):
+`create_model(name, **overrides)` builds a registered preset (`mage.presets.MODEL_PRESETS`):
 `mage_vit_base_patch16`, `mage_vit_large_patch16` (official sizes and key names), `mage_tiny`
 (the digits default) and `mage_small`.
 """
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mage_bench.config import ModelConfig, from_dict
+from mage_bench.mage.presets import ModelConfig
+from mage_bench.schema import from_dict
 
 
 def model_config(name: str, **overrides: Any) -> ModelConfig:
