@@ -94,7 +94,7 @@ def bench_model(name: str, batch_size: int, steps: int, device: torch.device, pe
     from torch.utils.flop_counter import FlopCounterMode
 
     from mage_bench.config import RunConfig, from_dict
-    from mage_bench.mage.masking import create_masking, sample_token_masks
+    from mage_bench.mage.masking import sample_token_masks
     from mage_bench.mage.model import MAGE
     from mage_bench.train import MageObjective, param_groups
 
@@ -105,7 +105,7 @@ def bench_model(name: str, batch_size: int, steps: int, device: torch.device, pe
     optimizer = torch.optim.AdamW(param_groups(objective, 0.05), lr=1e-4, betas=(0.9, 0.95))
     L = config.model.num_tokens
     g = torch.Generator().manual_seed(0)
-    masking = create_masking(config.masking.spec)
+    masking = config.masking.distribution
     amp = device.type == "cuda"
 
     def batch():

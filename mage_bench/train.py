@@ -10,16 +10,15 @@ masking ratios, token orders and augmentations are drawn for the whole global ba
 generators every process holds in the same state. So N steps straight == N/2 + resume N/2
 bitwise on CPU, and 2 processes x batch B match 1 process x batch 2B (dropout off, `masking.per: batch`;
 under the default per-process ratios each rank's rows get their own ratio, as officially).
+
+The objective is `mage.objective`; the folder, resume, loop, log and checkpoints are the skeleton
+`mage_bench.training` shares with the tokenizer trainer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,29 +28,19 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mage_bench.config import RunConfig, dump_yaml, require_same_config, to_dict
+from mage_bench.config import RunConfig, dump_yaml, to_dict
 from mage_bench.data import create_dataset, is_in_memory
 from mage_bench.errors import ConfigError, UserError
-from mage_bench.io import (
-    atomic_torch_save,
-    atomic_write_text,
-    check_output_folder,
-    rewind_jsonl,
-    safe_torch_load,
-)
-from mage_bench.mage.contrastive import ProjectionHead, info_nce, pool_encoder_output
-from mage_bench.mage.masking import (
-    batch_ratios,
-    create_masking,
-    resolve_masking,
-    sample_token_masks,
-)
-from mage_bench.mage.model import MAGE, mage_loss
-from mage_bench.runs import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE
+from mage_bench.io import atomic_torch_save, atomic_write_text, check_output_folder
+from mage_bench.mage import objective
+from mage_bench.mage.masking import batch_ratios, resolve_masking, sample_token_masks
+from mage_bench.mage.model import MAGE
+from mage_bench.runs import CHECKPOINT_FILE, CONFIG_FILE
+from mage_bench.schedule import warmup_cosine
+from mage_bench.training import Cadence, TrainingFailed, TrainingFolder, run_steps
 
-
-class TrainingFailed(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message names the last good checkpoint."""
+# `TrainingFailed` is defined in `training` (the tokenizer trainer raises it too); the CLI and sweeps
+# import it from here.
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,11 +65,13 @@ def resolve_automatic(config: RunConfig) -> RunConfig:
         raise ConfigError(f"train.augment: {augment} applies to in-memory data only; use dataset for {config.data.name}")
     if config.contrastive.weight > 0 and augment == "none":
         raise ConfigError("contrastive.weight > 0 needs two different views: set train.augment to affine (or auto)")
-    return dataclasses.replace(
-        config,
-        masking=dataclasses.replace(masking, spec=distribution.spec(), mask_ratio_min=mask_ratio_min),
-        train=dataclasses.replace(config.train, augment=augment),
-    )
+    resolved = dataclasses.replace(masking, spec=distribution.spec(), mask_ratio_min=mask_ratio_min)
+    # The distribution was built to resolve the masking: hand it on in the section's cache, so the
+    # trainer (and whoever reads `config.masking.distribution`) does not parse the spec again. It is
+    # the distribution of the new spec: the spec writes its parameters as exact float reprs.
+    resolved.__dict__["distribution"] = distribution
+    train_section = dataclasses.replace(config.train, augment=augment)
+    return dataclasses.replace(config, masking=resolved, train=train_section)
 
 
 def resolve_run_config(config: RunConfig) -> RunConfig:
@@ -244,34 +235,17 @@ class TokenStream:
 
 
 # --------------------------------------------------------------------------------------------
-# The objective (one module, so DDP sees every trainable parameter in one forward)
+# The objective (`mage.objective`) and the optimizer's settings
 
 
-class MageObjective(nn.Module):
+class MageObjective(objective.MageObjective):
+    """`mage.objective.MageObjective` with its settings read from a run config (`train.label_smoothing`,
+    the `contrastive` section): what `Trainer` and `mage_bench.bench` build."""
+
     def __init__(self, model: MAGE, config: RunConfig) -> None:
-        super().__init__()
-        self.model = model
-        self.label_smoothing = config.train.label_smoothing
         c = config.contrastive
-        self.contrastive_weight, self.temperature = c.weight, c.temperature
-        self.head = (ProjectionHead(model.config.embed_dim, c.proj_hidden_dim or model.config.embed_dim, c.proj_dim)
-                     if c.weight > 0 else None)
-
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor,
-                second: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        m = self.model
-        m._check(tokens, mask, drop)
-        latent, kept = m.forward_encoder(m.embed_tokens(tokens, mask), drop)
-        logits = m.forward_decoder(latent, kept, mask)
-        recon = mage_loss(logits, tokens, mask, m.codebook_size, self.label_smoothing)
-        out = {"loss": recon, "loss_recon": recon}
-        if self.head is not None and second is not None:
-            latent2 = m.encode_masked(*second)
-            con = info_nce(self.head(pool_encoder_output(latent)), self.head(pool_encoder_output(latent2)),
-                           self.temperature)
-            out["loss"] = recon + self.contrastive_weight * con
-            out["loss_contrastive"] = con
-        return out
+        super().__init__(model, label_smoothing=config.train.label_smoothing, contrastive_weight=c.weight,
+                         temperature=c.temperature, proj_hidden_dim=c.proj_hidden_dim, proj_dim=c.proj_dim)
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -287,10 +261,10 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 def lr_at(step: int, base_lr: float, config: RunConfig) -> float:
     """Official schedule per iteration: linear warmup from 0, then half-cycle cosine to min_lr."""
     t = config.train
-    if step < t.warmup_steps:
-        return base_lr * step / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    return t.min_lr + (base_lr - t.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    # The schedule's floor is relative; min_lr is absolute. With min_lr = 0 (every built-in preset) the
+    # ratio is 0.0 and the numbers are bitwise those of the official min_lr + (base_lr - min_lr) * ...;
+    # another min_lr can differ from that formula in the last bit.
+    return warmup_cosine(step, t.steps, t.warmup_steps, base_lr, floor_ratio=t.min_lr / base_lr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,7 +288,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp_dtype == torch.float16)
         tokenizer = load_tokenizer(config.tokenizer).to(runtime.device)
         self.stream = TokenStream(config, runtime, tokenizer, 2 if config.contrastive.weight > 0 else 1)
-        self.masking = create_masking(config.masking.spec)
+        self.masking = config.masking.distribution  # built once, when the config was resolved
         self.mask_generator = torch.Generator().manual_seed(config.seed * 13 + 5)
         torch.manual_seed(config.seed * 7919 + runtime.rank + 1)  # dropout: a stream per process
         self.wrapped: nn.Module = self.objective
@@ -398,74 +372,57 @@ class Trainer:
         return int(state["step"]), float(state["elapsed_s"])
 
 
+class WindowedSteps:
+    """A `Trainer`'s steps for `training.run_steps`: each metrics.jsonl record holds the losses and mask
+    ratio averaged over the steps since the previous record, and the lr of the last one."""
+
+    failure_hint = "lower train.blr or raise train.warmup_steps"
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.window: dict[str, float] = {}
+        self.window_steps, self.lr = 0, 0.0
+
+    def train_step(self, step: int) -> None:
+        losses, ratios = self.trainer.forward_backward(step)
+        self.lr = self.trainer.optimizer_step(step)
+        for key, value in self.trainer.global_mean(losses).items():  # collective: every step, every process
+            self.window[key] = self.window.get(key, 0.0) + value
+        self.window["mask_ratio"] = self.window.get("mask_ratio", 0.0) + float(ratios.mean())
+        self.window_steps += 1
+
+    def log_record(self, step: int, time_s: float) -> dict[str, Any]:
+        record = {"step": step, "epoch": self.trainer.stream.epoch, "lr": self.lr,
+                  **{k: v / self.window_steps for k, v in self.window.items()}, "time_s": round(time_s, 3)}
+        self.window, self.window_steps = {}, 0
+        return record
+
+    def postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{record['loss']:.3f}"}
+
+    def state(self, step: int, elapsed: float) -> dict[str, Any] | None:
+        return self.trainer.state(step, elapsed)
+
+
 def train(config: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
           stop_at: int | None = None) -> dict[str, Any]:
     """Train MAGE into `run_dir` (or continue it with `resume`); returns a summary.
 
     `stop_at` ends the loop after that many steps with a checkpoint, as an interruption would.
     """
-    from tqdm import tqdm
-
     run = Path(run_dir)
-    checkpoint_path = run / CHECKPOINT_FILE
-    check_output_folder(run, checkpoint_path, resume, "a run folder", "a checkpoint")
+    check_output_folder(run, run / CHECKPOINT_FILE, resume, "a run folder", "a checkpoint")
     config = resolve_run_config(config)
     runtime = setup_runtime(config)
     trainer = Trainer(config, runtime)
+    folder = TrainingFolder(run, CHECKPOINT_FILE, runtime.is_main)
     tcfg = config.train
-    step, elapsed = 0, 0.0
-    if resume and checkpoint_path.exists():
-        state = safe_torch_load(checkpoint_path)
-        require_same_config(state["config"], config, str(run))
-        step, elapsed = trainer.load(state)
-        if runtime.is_main:
-            rewind_jsonl(run / METRICS_FILE, step)
-    elif runtime.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run / CONFIG_FILE, dump_yaml(config))
-        (run / METRICS_FILE).unlink(missing_ok=True)
+    step, elapsed = folder.begin(config, resume, trainer.load)
     if step >= tcfg.steps:  # finished already: resuming is a no-op
         return {"run": str(run), "step": step, "finished": True}
-
-    bar = tqdm(total=tcfg.steps, initial=step, desc="train", unit="step", file=sys.stderr,
-               disable=not (progress and runtime.is_main), dynamic_ncols=True)
-    window: dict[str, float] = {}
-    window_steps, tic = 0, time.perf_counter()
-    log = open(run / METRICS_FILE, "a") if runtime.is_main else None  # noqa: SIM115 (closed in finally)
-    try:
-        while step < tcfg.steps and (stop_at is None or step < stop_at):
-            try:
-                losses, ratios = trainer.forward_backward(step)
-            except TrainingFailed as exc:
-                last = checkpoint_path if checkpoint_path.exists() else "not written yet"
-                raise TrainingFailed(f"{exc}; the last good checkpoint is {last}; lower train.blr or "
-                                     "raise train.warmup_steps") from None
-            lr = trainer.optimizer_step(step)
-            step += 1
-            for key, value in trainer.global_mean(losses).items():
-                window[key] = window.get(key, 0.0) + value
-            window["mask_ratio"] = window.get("mask_ratio", 0.0) + float(ratios.mean())
-            window_steps += 1
-            bar.update(1)
-            if step % tcfg.log_every == 0 or step == tcfg.steps:
-                record = {"step": step, "epoch": trainer.stream.epoch, "lr": lr,
-                          **{k: v / window_steps for k, v in window.items()},
-                          "time_s": round(elapsed + time.perf_counter() - tic, 3)}
-                if log:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                bar.set_postfix(loss=f"{record['loss']:.3f}")
-                window, window_steps = {}, 0
-            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps or step == stop_at:
-                now = time.perf_counter()
-                elapsed, tic = elapsed + now - tic, now
-                state = trainer.state(step, elapsed)
-                if state is not None:
-                    atomic_torch_save(state, checkpoint_path)
-    finally:
-        bar.close()
-        if log:
-            log.close()
+    cadence = Cadence(tcfg.steps, tcfg.log_every, tcfg.checkpoint_every)
+    step, elapsed = run_steps(WindowedSteps(trainer), folder, cadence, (step, elapsed), stop_at, progress,
+                              desc="train")
     return {"run": str(run), "step": step, "finished": step >= tcfg.steps, "train_time_s": round(elapsed, 1)}
 
 

@@ -3,12 +3,14 @@ import json
 import pytest
 import torch
 
+from mage_bench.cards import card_sha256
 from mage_bench.config import TokenizerJobConfig, resolve_config
 from mage_bench.data import create_dataset
 from mage_bench.errors import UserError
-from mage_bench.io import sha256_file
+from mage_bench.io import safe_torch_load, sha256_file
 from mage_bench.tokenizer import load_tokenizer
-from mage_bench.tokenizer.train import STATE_FILE, kmeans, safe_torch_load, train_tokenizer
+from mage_bench.tokenizer.train import STATE_FILE, kmeans, train_tokenizer
+from mage_bench.training import TrainingFailed
 
 
 def _config(layer, **train):
@@ -37,7 +39,9 @@ def test_training_lowers_reconstruction_loss_and_writes_a_card(tmp_path, tiny_jo
     m = card["metrics"]["test"]
     assert m["psnr_db"] > 10 and 0 < m["codebook_usage"] <= 1 and 1 <= m["perplexity"] <= 32
     assert m["codes_used"] == round(m["codebook_usage"] * 32)
-    assert card["sha256"] == sha256_file(tmp_path / "vq" / "tokenizer.pt")
+    assert card_sha256(card, "tokenizer") == sha256_file(tmp_path / "vq" / "tokenizer.pt")
+    assert card["files"] == {"tokenizer": "tokenizer.pt"}
+    assert card["origin"] == "trained by mage-bench tokenizer train"
     assert card["token_grid"] == [8, 8] and card["steps"] == 40
     saved = json.loads((tmp_path / "vq" / "card.json").read_text())
     assert saved["metrics"] == card["metrics"]
@@ -137,3 +141,22 @@ def test_out_that_is_a_file_is_a_user_error(tmp_path, tiny_job_layer):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file; give a folder"):
         train_tokenizer(_config(tiny_job_layer), tmp_path / "file", progress=False)
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, tiny_job_layer, monkeypatch):
+    from mage_bench.tokenizer.train import TokenizerSteps, TrainingDiverged
+
+    original = TokenizerSteps._losses
+
+    def poisoned(self, x, *args):
+        losses = original(self, x, *args)
+        if self.stream.state() == {"epoch": 0, "batch": 7}:  # step 6 (the 7th batch)
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(TokenizerSteps, "_losses", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"non-finite tokenizer loss at step 6; the last good checkpoint is "
+                                               r".*train_state.pt; lower train.lr"):
+        train_tokenizer(_config(tiny_job_layer), tmp_path / "run", progress=False)
+    assert issubclass(TrainingDiverged, TrainingFailed)  # the CLI and sweeps catch this one type
+    assert safe_torch_load(tmp_path / "run" / STATE_FILE)["step"] == 4

@@ -69,11 +69,11 @@ def test_resume_guards(tmp_path, tiny_run_layer):
 
 
 def test_contrastive_weight_zero_skips_the_second_view(tmp_path, tiny_run_layer, monkeypatch):
-    from mage_bench import train as train_module
+    from mage_bench.mage import objective as objective_module
 
     calls = []
-    original = train_module.info_nce
-    monkeypatch.setattr(train_module, "info_nce", lambda *a: calls.append(1) or original(*a))
+    original = objective_module.info_nce
+    monkeypatch.setattr(objective_module, "info_nce", lambda *a: calls.append(1) or original(*a))
     train(_config(tiny_run_layer), tmp_path / "plain", progress=False)
     assert not calls
     log = json.loads((tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -112,17 +112,17 @@ def test_contrastive_loss_decreases_on_a_toy_batch(tiny_model_overrides):
 
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, tiny_run_layer, monkeypatch):
-    from mage_bench import train as train_module
+    from mage_bench.mage import objective as objective_module
 
     calls = {"n": 0}
-    original = train_module.mage_loss
+    original = objective_module.mage_loss
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = original(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 5 else loss
 
-    monkeypatch.setattr(train_module, "mage_loss", poisoned)
+    monkeypatch.setattr(objective_module, "mage_loss", poisoned)
     with pytest.raises(TrainingFailed, match=r"non-finite loss \(nan\) at step 4; the last good checkpoint is .*checkpoint.pt"):
         train(_config(tiny_run_layer), tmp_path / "run", progress=False)
     assert safe_torch_load(tmp_path / "run" / "checkpoint.pt")["step"] == 3

@@ -21,8 +21,10 @@ import numpy as np
 
 from mage_bench.errors import UserError
 from mage_bench.eval import blas_threads_for, check_features, top1_top5
+from mage_bench.metrics import Metric
+from mage_bench.schedule import warmup_cosine
 
-KEY_TOP1, KEY_TOP5 = "top1", "top5"
+METRICS = (Metric("top1", True, "linear probe top-1"), Metric("top5", True, "linear probe top-5"))
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
@@ -65,7 +67,7 @@ def _select_and_fit(train_x, train_y, test_x, test_y, seed, c_grid) -> dict[str,
     scaler = StandardScaler().fit(train_x)
     model = _fit(scaler.transform(train_x), train_y, -neg_c, seed)
     top1, top5 = _topk(model, scaler.transform(test_x), test_y)
-    return {KEY_TOP1: top1, KEY_TOP5: top5, "C": -neg_c, "val_top1": best_val}
+    return {"top1": top1, "top5": top5, "C": -neg_c, "val_top1": best_val}
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,10 +98,8 @@ class HeadSchedule:
 
     def lr_at(self, progress: float) -> float:
         """The lr at `progress` epochs (fractional: the schedule moves every iteration)."""
-        warmup = self.warmup_epochs or 0
-        if progress < warmup:
-            return self.lr * progress / warmup
-        return self.lr * 0.5 * (1 + math.cos(math.pi * (progress - warmup) / max(self.epochs - warmup, 1)))
+        # angle_first: this schedule has always rounded pi * (progress - warmup) before dividing
+        return warmup_cosine(progress, self.epochs, self.warmup_epochs or 0, self.lr, angle_first=True)
 
     def fields(self) -> dict[str, Any]:
         """What a result record says about the schedule."""
@@ -181,7 +181,7 @@ def head_result(probe: Any, test_x: Any, test_y: np.ndarray, schedule: HeadSched
     with torch.no_grad():
         scores = probe(test_x).cpu().numpy()
     top1, top5 = top1_top5(scores, np.asarray(test_y))
-    return {KEY_TOP1: top1, KEY_TOP5: top5, **schedule.fields()}
+    return {"top1": top1, "top5": top5, **schedule.fields()}
 
 
 def linear_probe_mae(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,

@@ -6,7 +6,8 @@ forward(tokens, mask, drop) runs four named stages:
   forward_decoder-> every position filled with the encoder's class output, kept tokens scattered
                     back, learned positions, ViT blocks, norm, MlmLayer tied (detached) to the
                     word embeddings -> logits [B, 1 + L, vocab]
-and `mage_loss` scores logits[:, 1:, :codebook_size] on all masked positions.
+and `mage_loss` scores logits[:, 1:, :codebook_size] on all masked positions. `forward_with_latent`
+also returns the encoder output, which MAGE-C's objective (`mage.objective`) pools.
 
 The masking distribution is not in here: callers pass `mask` and `drop` (see mage.masking).
 """
@@ -17,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mage_bench.config import ModelConfig
+from mage_bench.mage.presets import ModelConfig
 
 
 class Attention(nn.Module):
@@ -180,14 +181,24 @@ class MAGE(nn.Module):
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
         """tokens long[B, L], mask/drop bool[B, L] (drop ⊂ mask, equal drop count per row) -> logits (B, 1 + L, vocab)."""
-        self._check(tokens, mask, drop)
-        latent, kept = self.forward_encoder(self.embed_tokens(tokens, mask), drop)
-        return self.forward_decoder(latent, kept, mask)
+        return self.forward_with_latent(tokens, mask, drop)[0]
+
+    def forward_with_latent(self, tokens: torch.Tensor, mask: torch.Tensor,
+                            drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`'s logits (B, 1 + L, vocab) and the encoder output (B, 1 + L - n_drop, D) they were
+        decoded from: the training objective scores the one and MAGE-C pools the other."""
+        latent, kept = self._encode(tokens, mask, drop)
+        return self.forward_decoder(latent, kept, mask), latent
 
     def encode_masked(self, tokens: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
         """Encoder output (B, 1 + L - n_drop, D) of a masked view; MAGE-C pools it."""
+        return self._encode(tokens, mask, drop)[0]
+
+    def _encode(self, tokens: torch.Tensor, mask: torch.Tensor,
+                drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checked inputs through `embed_tokens` and `forward_encoder`: (latent, kept positions)."""
         self._check(tokens, mask, drop)
-        return self.forward_encoder(self.embed_tokens(tokens, mask), drop)[0]
+        return self.forward_encoder(self.embed_tokens(tokens, mask), drop)
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Probe feature, nothing masked: mean of last-block tokens 1..L (no final norm), then a

@@ -6,14 +6,13 @@ restarts of codes unused over a window (re-seeded from current encoder outputs).
 
 Resume is exact for in-memory data sets (digits): the checkpoint holds the model, optimizers,
 the data position and every RNG state, so N steps straight == N/2 + resume N/2, bitwise.
+The folder, resume, loop, log and checkpoints are the skeleton `mage_bench.training` shares with MAGE
+training; the card is a `mage_bench.cards.ModelCard`.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,29 +20,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mage_bench.config import TokenizerJobConfig, dump_yaml, require_same_config, to_dict
+from mage_bench.cards import CARD_FILE, ModelCard, describe_files, write_card
+from mage_bench.config import TokenizerJobConfig, TokenizerTrainConfig, to_dict
 from mage_bench.errors import UserError
-from mage_bench.io import (
-    atomic_torch_save,
-    atomic_write_json,
-    atomic_write_text,
-    check_output_folder,
-    git_commit,
-    package_versions,
-    rewind_jsonl,
-    safe_torch_load,
-    sha256_file,
-    utc_now,
-)
-from mage_bench.tokenizer import CARD_FILE, WEIGHTS_FILE, tokenizer_payload
+from mage_bench.io import atomic_torch_save, check_output_folder, git_commit, package_versions
+from mage_bench.schedule import warmup_cosine
+from mage_bench.tokenizer import WEIGHTS_FILE, tokenizer_payload
 from mage_bench.tokenizer.vqgan import VQGAN
+from mage_bench.training import Cadence, TrainingFailed, TrainingFolder, run_steps
 
 STATE_FILE = "train_state.pt"
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(TrainingFailed):
     """A non-finite loss: training stops; the last good checkpoint is kept on disk."""
 
 
@@ -200,24 +189,137 @@ def _stack(dataset: Any, limit: int) -> torch.Tensor:
 # The loop
 
 
-def lr_at(step: int, cfg) -> float:
-    """Linear warmup, then half-cycle cosine down to lr * min_lr_ratio."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+def lr_at(step: int, cfg: TokenizerTrainConfig) -> float:
+    """Linear warmup (counted from step 1), then half-cycle cosine down to lr * min_lr_ratio."""
+    return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr, floor_ratio=cfg.min_lr_ratio, warmup_offset=1)
+
+
+class TokenizerSteps:
+    """The tokenizer's training state and its step, for `training.run_steps`: models, optimizers, the
+    batch stream and every RNG. Each metrics.jsonl record holds the values of the step it follows."""
+
+    failure_hint = "lower train.lr"
+
+    def __init__(self, config: TokenizerJobConfig) -> None:
+        from mage_bench.data import create_dataset
+
+        self.config, tcfg = config, config.train
+        torch.manual_seed(config.seed)
+        self.model = VQGAN(config.tokenizer)
+        self.model.quantize.beta = tcfg.commitment_beta
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tcfg.lr, betas=tcfg.betas)
+        self.disc = self.disc_opt = None
+        if tcfg.gan_weight > 0:
+            self.disc = PatchDiscriminator(config.tokenizer.in_channels)
+            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=tcfg.disc_lr, betas=(0.5, 0.9))
+        self.train_set = create_dataset(config.data, "train")
+        self.stream = BatchStream(self.train_set, tcfg.batch_size, config.seed, config.data.num_workers)
+        self.generator = torch.Generator().manual_seed(config.seed + 17)  # k-means and code restarts
+        self.usage = torch.zeros(config.tokenizer.n_embed, dtype=torch.long)
+        self.batches: Any = None
+        self.last: dict[str, Any] = {}  # the latest step's losses, lr and restarts
+
+    def load(self, state: dict[str, Any]) -> tuple[int, float]:
+        """Continue from a `state`; returns (step, elapsed seconds)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.disc is not None:
+            self.disc.load_state_dict(state["disc"])
+            self.disc_opt.load_state_dict(state["disc_optimizer"])
+        self.stream.load(state["stream"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.usage = state["usage"]
+        return int(state["step"]), float(state["elapsed_s"])
+
+    def state(self, step: int, elapsed: float) -> dict[str, Any]:
+        """The checkpoint after `step` steps (train_state.pt: the keys older folders resume from)."""
+        disc, disc_opt = self.disc, self.disc_opt
+        return {
+            "config": to_dict(self.config), "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "disc": disc.state_dict() if disc else None,
+            "disc_optimizer": disc_opt.state_dict() if disc_opt else None, "stream": self.stream.state(),
+            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(), "usage": self.usage,
+            "step": step, "elapsed_s": elapsed,
+        }
+
+    def start(self, step: int) -> None:
+        """Open the batch stream at `step`; a fresh run first sets the codebook by k-means."""
+        self.batches = iter(self.stream)
+        if step == 0 and self.config.train.codebook_init == "kmeans":
+            with torch.no_grad():  # k-means over the initial encoder's outputs on a few batches
+                sample = torch.cat([latent_vectors(self.model._latent(next(self.batches))) for _ in range(4)])
+                self.model.quantize.embedding.weight.copy_(kmeans(sample, self.config.tokenizer.n_embed,
+                                                                  self.generator))
+            self.stream.load({"epoch": 0, "batch": 0})  # those batches are trained on from the start
+            self.batches = iter(self.stream)
+        self.model.train()
+
+    def train_step(self, step: int) -> None:
+        tcfg = self.config.train
+        x = next(self.batches)
+        if tcfg.hflip:
+            flip = torch.rand(x.shape[0]) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        lr = lr_at(step, tcfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        recon, vq_loss, indices, z = self.model(x)
+        use_gan = self.disc is not None and step >= tcfg.gan_start_step
+        losses = self._losses(x, recon, vq_loss, use_gan)
+        if not torch.isfinite(losses["loss"]):
+            raise TrainingDiverged(f"non-finite tokenizer loss at step {step}")
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
+        self.optimizer.step()
+        if use_gan:
+            self._discriminator_step(x, recon)
+        self.usage += torch.bincount(indices.flatten(), minlength=self.usage.numel())
+        done, restarted = step + 1, 0
+        if tcfg.dead_code_every and done % tcfg.dead_code_every == 0 and done < tcfg.steps:
+            restarted = restart_dead_codes(self.model, self.optimizer, self.usage, z, self.generator)
+            self.usage.zero_()
+        self.last = {**losses, "lr": lr, "codes_restarted": restarted}
+
+    def _losses(self, x: torch.Tensor, recon: torch.Tensor, vq_loss: torch.Tensor,
+                use_gan: bool) -> dict[str, torch.Tensor]:
+        """The generator side's loss and its terms."""
+        tcfg = self.config.train
+        l1 = (recon - x).abs().mean()
+        l2 = (recon - x).pow(2).mean()
+        loss = tcfg.l1_weight * l1 + tcfg.l2_weight * l2 + vq_loss
+        gan_g = torch.zeros(())
+        if use_gan:
+            gan_g = -self.disc(recon).mean()
+            loss = loss + tcfg.gan_weight * gan_g
+        return {"loss": loss, "l1": l1, "l2": l2, "vq": vq_loss, "gan_g": gan_g}
+
+    def _discriminator_step(self, x: torch.Tensor, recon: torch.Tensor) -> None:
+        """One hinge-loss step of the patch discriminator, real `x` against the detached `recon`."""
+        d_loss = F.relu(1 - self.disc(x)).mean() + F.relu(1 + self.disc(recon.detach())).mean()
+        self.disc_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.disc_opt.step()
+
+    def log_record(self, step: int, time_s: float) -> dict[str, Any]:
+        last = self.last
+        psnr = float(10 * torch.log10(1.0 / last["l2"].detach().clamp(min=1e-10)))
+        return {"step": step, "epoch": self.stream.epoch,
+                **{key: float(last[key].detach()) for key in ("loss", "l1", "l2", "vq", "gan_g")},
+                "lr": last["lr"], "batch_psnr_db": psnr, "codes_restarted": last["codes_restarted"],
+                "time_s": time_s}
+
+    def postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{record['loss']:.4f}", "psnr": f"{record['batch_psnr_db']:.1f}"}
 
 
 def train_tokenizer(config: TokenizerJobConfig, out_dir: str | Path, resume: bool = False,
                     progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
-    """Train (or resume) a tokenizer into `out_dir`; returns its card. `stop_at` simulates an interruption."""
-    from tqdm import tqdm
-
-    from mage_bench.data import create_dataset
-
+    """Train (or resume) a tokenizer into `out_dir`; returns its card. `stop_at` simulates an interruption
+    (the state is saved there and {"interrupted_at": step} returned)."""
     out = Path(out_dir)
-    state_path = out / STATE_FILE
-    check_output_folder(out, state_path, resume, "a folder such as models/NAME", "a training state")
+    check_output_folder(out, out / STATE_FILE, resume, "a folder such as models/NAME", "a training state")
     if resume and (out / CARD_FILE).exists():
         card = json.loads((out / CARD_FILE).read_text())
         if card.get("config") != to_dict(config):
@@ -225,122 +327,19 @@ def train_tokenizer(config: TokenizerJobConfig, out_dir: str | Path, resume: boo
         return card  # finished already: resuming is a no-op, so the same command can be rerun
     torch.set_flush_denormal(True)  # denormals slow small conv nets on CPU several-fold
     tcfg = config.train
-
-    torch.manual_seed(config.seed)
-    model = VQGAN(config.tokenizer)
-    model.quantize.beta = tcfg.commitment_beta
-    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr, betas=tcfg.betas)
-    disc = disc_opt = None
-    if tcfg.gan_weight > 0:
-        disc = PatchDiscriminator(config.tokenizer.in_channels)
-        disc_opt = torch.optim.Adam(disc.parameters(), lr=tcfg.disc_lr, betas=(0.5, 0.9))
-    train_set = create_dataset(config.data, "train")
-    stream = BatchStream(train_set, tcfg.batch_size, config.seed, config.data.num_workers)
-    generator = torch.Generator().manual_seed(config.seed + 17)  # k-means and code restarts
-    usage = torch.zeros(config.tokenizer.n_embed, dtype=torch.long)
-    step, elapsed = 0, 0.0
-
-    if resume and state_path.exists():
-        state = safe_torch_load(state_path)
-        require_same_config(state["config"], config, str(out))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if disc is not None:
-            disc.load_state_dict(state["disc"])
-            disc_opt.load_state_dict(state["disc_optimizer"])
-        stream.load(state["stream"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        usage = state["usage"]
-        step, elapsed = int(state["step"]), float(state["elapsed_s"])
-        rewind_jsonl(out / METRICS_FILE, step)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / CONFIG_FILE, dump_yaml(config))
-        if (out / METRICS_FILE).exists():
-            (out / METRICS_FILE).unlink()
-
-    def save_state() -> None:
-        atomic_torch_save({
-            "config": to_dict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "disc": disc.state_dict() if disc else None, "disc_optimizer": disc_opt.state_dict() if disc_opt else None,
-            "stream": stream.state(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "usage": usage, "step": step, "elapsed_s": elapsed,
-        }, state_path)
-
-    batches = iter(stream)
-    if step == 0 and tcfg.codebook_init == "kmeans":
-        with torch.no_grad():  # k-means over the initial encoder's outputs on a few batches
-            sample = torch.cat([latent_vectors(model._latent(next(batches))) for _ in range(4)])
-            model.quantize.embedding.weight.copy_(kmeans(sample, config.tokenizer.n_embed, generator))
-        stream.load({"epoch": 0, "batch": 0})
-        batches = iter(stream)
-
-    bar = tqdm(total=tcfg.steps, initial=step, desc="tokenizer", unit="step", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)
-    model.train()
-    tic = time.perf_counter()
-    with open(out / METRICS_FILE, "a") as log:
-        while step < tcfg.steps:
-            if stop_at is not None and step >= stop_at:
-                break
-            x = next(batches)
-            if tcfg.hflip:
-                flip = torch.rand(x.shape[0]) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            lr = lr_at(step, tcfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            recon, vq_loss, indices, z = model(x)
-            l1 = (recon - x).abs().mean()
-            l2 = (recon - x).pow(2).mean()
-            loss = tcfg.l1_weight * l1 + tcfg.l2_weight * l2 + vq_loss
-            gan_g = torch.zeros(())
-            use_gan = disc is not None and step >= tcfg.gan_start_step
-            if use_gan:
-                gan_g = -disc(recon).mean()
-                loss = loss + tcfg.gan_weight * gan_g
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"non-finite tokenizer loss at step {step}; the last good checkpoint is "
-                                       f"{state_path if state_path.exists() else 'not written yet'}; lower train.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            optimizer.step()
-            if use_gan:
-                d_loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(recon.detach())).mean()
-                disc_opt.zero_grad(set_to_none=True)
-                d_loss.backward()
-                disc_opt.step()
-            usage += torch.bincount(indices.flatten(), minlength=usage.numel())
-            step += 1
-            restarted = 0
-            if tcfg.dead_code_every and step % tcfg.dead_code_every == 0 and step < tcfg.steps:
-                restarted = restart_dead_codes(model, optimizer, usage, z, generator)
-                usage.zero_()
-            bar.update(1)
-            if step % tcfg.log_every == 0 or step == tcfg.steps:
-                psnr = float(10 * torch.log10(1.0 / l2.detach().clamp(min=1e-10)))
-                record = {"step": step, "epoch": stream.epoch, "loss": float(loss.detach()), "l1": float(l1.detach()),
-                          "l2": float(l2.detach()), "vq": float(vq_loss.detach()), "gan_g": float(gan_g.detach()), "lr": lr,
-                          "batch_psnr_db": psnr, "codes_restarted": restarted,
-                          "time_s": elapsed + time.perf_counter() - tic}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", psnr=f"{psnr:.1f}")
-            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
-                elapsed += time.perf_counter() - tic
-                tic = time.perf_counter()
-                save_state()
-    bar.close()
+    steps = TokenizerSteps(config)
+    folder = TrainingFolder(out, STATE_FILE)
+    step, elapsed = folder.begin(config, resume, steps.load)
+    steps.start(step)
+    cadence = Cadence(tcfg.steps, tcfg.log_every, tcfg.checkpoint_every)
+    step, elapsed = run_steps(steps, folder, cadence, (step, elapsed), stop_at, progress, "tokenizer")
     if step < tcfg.steps:  # interrupted on purpose (tests): leave the resumable state only
-        elapsed += time.perf_counter() - tic
-        save_state()
         return {"interrupted_at": step}
-    return _finish(config, out, model, train_set, elapsed)
+    return _finish(config, out, steps.model, steps.train_set, elapsed)
 
 
 def _finish(config: TokenizerJobConfig, out: Path, model: VQGAN, train_set: Any, elapsed: float) -> dict[str, Any]:
+    """Measure the trained tokenizer, save its weights and write its card (returned)."""
     from mage_bench.data import create_dataset
 
     test_set = create_dataset(config.data, "test", train_transform=False)
@@ -348,10 +347,8 @@ def _finish(config: TokenizerJobConfig, out: Path, model: VQGAN, train_set: Any,
     test_metrics = reconstruction_metrics(model, _stack(test_set, config.train.eval_images))
     train_metrics = reconstruction_metrics(model, _stack(eval_train, config.train.eval_images))
     atomic_torch_save(tokenizer_payload(model), out / WEIGHTS_FILE)
-    card = {
-        "kind": "tokenizer",
-        "name": out.name,
-        "architecture": config.tokenizer.name,
+    files = {"tokenizer": WEIGHTS_FILE}
+    details = {
         "token_grid": [config.tokenizer.token_grid, config.tokenizer.token_grid],
         "codebook_size": config.tokenizer.n_embed,
         "data": {"name": config.data.name, "image_size": config.data.image_size, "train_images": len(train_set),
@@ -359,13 +356,11 @@ def _finish(config: TokenizerJobConfig, out: Path, model: VQGAN, train_set: Any,
         "steps": config.train.steps,
         "train_time_s": round(elapsed, 1),
         "metrics": {"test": test_metrics, "train": train_metrics},
-        "config": to_dict(config),
-        "weights_file": WEIGHTS_FILE,
-        "sha256": sha256_file(out / WEIGHTS_FILE),
-        "origin": "trained by mage-bench tokenizer train",
         "git_commit": git_commit(),
         "versions": package_versions(),
-        "created_at": utc_now(),
     }
-    atomic_write_json(out / CARD_FILE, card)
-    return card
+    # `config` is the whole job config: `tokenizer_config_at` reads card["config"]["tokenizer"]
+    card = ModelCard(kind="tokenizer", name=out.name, architecture=config.tokenizer.name, config=to_dict(config),
+                     files=files, sha256=describe_files(out, files),
+                     origin="trained by mage-bench tokenizer train", details=details)
+    return write_card(out, card)
