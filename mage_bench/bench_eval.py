@@ -51,42 +51,46 @@ def bench_knn(n_database: int = 50_000, n_queries: int = 10_000, dim: int = 768,
 
 
 def bench_eval_all(run_dir: str | Path, device: str = "cpu") -> dict[str, float]:
+    from mage_bench.config import EvalConfig
     from mage_bench.eval.features import extract_features
     from mage_bench.eval.runner import EVAL_ALL, evaluate_run
     from mage_bench.runs import load_run
 
     run = load_run(run_dir, device)
+    settings = EvalConfig(device=device)
     with tempfile.TemporaryDirectory() as scratch:
         def one_pass(cache: Path) -> None:
             for split in ("train", "test"):
                 extract_features(run, run.config.data, split, device=device, cache_dir=cache)
 
         # First-call costs (imports, data set load, allocator, git provenance) are not timed.
-        evaluate_run(run, list(EVAL_ALL), device=device, cache_dir=Path(scratch) / "warm-up")
+        evaluate_run(run, list(EVAL_ALL), settings, cache_dir=Path(scratch) / "warm-up")
         _, t_pass = _timed(one_pass, Path(scratch) / "pass")
         # eval all: features once (cold cache), then the three evaluators on them.
-        _, t_all = _timed(evaluate_run, run, list(EVAL_ALL), device=device, cache_dir=Path(scratch) / "all")
+        _, t_all = _timed(evaluate_run, run, list(EVAL_ALL), settings, cache_dir=Path(scratch) / "all")
         # The alternative: each evaluator extracting its own features (cold cache each).
-        separate = sum(_timed(evaluate_run, run, [name], device=device, cache_dir=Path(scratch) / name)[1]
+        separate = sum(_timed(evaluate_run, run, [name], settings, cache_dir=Path(scratch) / name)[1]
                        for name in EVAL_ALL)
         # Where eval all's time goes beyond the feature pass: each evaluator on the cached features.
-        per_evaluator = {f"{name}_s": _timed(evaluate_run, run, [name], device=device,
+        per_evaluator = {f"{name}_s": _timed(evaluate_run, run, [name], settings,
                                              cache_dir=Path(scratch) / "all")[1] for name in EVAL_ALL}
     return {"feature_pass_s": t_pass, "eval_all_s": t_all, "eval_all_over_pass": t_all / t_pass,
             "separate_s": separate, "separate_over_eval_all": separate / t_all, **per_evaluator}
 
 
 def bench_fid_cache(run_dir: str | Path, num: int = 256, device: str = "cpu") -> dict[str, float]:
-    from mage_bench.eval.generation import dataset_reference
-    from mage_bench.eval.runner import evaluate_generation
+    from mage_bench.config import EvalConfig
+    from mage_bench.eval.generation import evaluate_generation
+    from mage_bench.eval.image_sets import dataset_reference
     from mage_bench.runs import SAMPLES_DIR, load_run
-    from mage_bench.sampling import generate_images
+    from mage_bench.samples import generate_images
 
     generate_images(run_dir, num, Path(run_dir) / SAMPLES_DIR, progress=False, device=device)  # not timed
     with tempfile.TemporaryDirectory() as cache:
         dataset_reference(load_run(run_dir).config.data, "train", Path(cache))  # the PNG reference set, not timed
-        first, t_first = _timed(evaluate_generation, run_dir, "digits", num=num, device=device, cache_dir=cache)
-        second, t_second = _timed(evaluate_generation, run_dir, "digits", num=num, device=device, cache_dir=cache)
+        settings = EvalConfig(num_samples=num, device=device)
+        first, t_first = _timed(evaluate_generation, run_dir, "digits", settings, cache_dir=cache)
+        second, t_second = _timed(evaluate_generation, run_dir, "digits", settings, cache_dir=cache)
     assert first[0]["value"] == second[0]["value"]
     return {"num": num, "first_s": t_first, "second_s": t_second, "speedup": t_first / t_second,
             "value": first[0]["value"], "feature_extractor": first[0]["feature_extractor"]}

@@ -63,7 +63,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     if args.kind == "mage":
-        from mage_bench.mage.checkpoint import import_official_mage
+        from mage_bench.import_mage import import_official_mage
 
         card = import_official_mage(args.path, args.out)
         _emit(args, card, f"imported {args.path} ({card['architecture']}) into {args.out}")
@@ -95,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from mage_bench.sampling import generate_images
+    from mage_bench.samples import generate_images
 
     manifest = generate_images(args.run, args.num, args.out, steps=args.steps, temperature=args.temperature,
                                seed=args.seed, batch_size=args.batch_size, progress=_progress_enabled(args),
@@ -108,27 +108,38 @@ def _generation_flags(args: argparse.Namespace) -> tuple[str, ...]:
     return ("fid",) + tuple(flag for flag in ("isc", "kid", "prc") if getattr(args, flag))
 
 
+# EvalConfig fields that are flags of `mage-bench eval` (the same name with dashes)
+EVAL_SETTING_FLAGS = ("num_samples", "real_split", "extractor", "weights", "backend", "device", "knn_ks",
+                      "knn_temperature", "fewshot_shots", "fewshot_draws", "probe_epochs", "probe_batch_size",
+                      "probe_blr")
+
+
+def _eval_settings(args: argparse.Namespace) -> Any:
+    """The `EvalConfig` of an `eval` command: its defaults, overridden by the flags given."""
+    from mage_bench.config import EvalConfig, from_dict
+
+    given = {name: getattr(args, name) for name in EVAL_SETTING_FLAGS if getattr(args, name) is not None}
+    return from_dict(EvalConfig, given, "eval")
+
+
 def _record_line(r: dict[str, Any]) -> str:
-    label = r["metric"]
-    if r["evaluator"] == "fid":  # FID/IS only with the standard Inception weights (ARCHITECTURE.md)
-        names = {"fid": "FID", "is": "IS", "kid": "KID"} if r["standard_extractor"] else \
-            {"fid": f"FD ({r['feature_extractor']})", "is": f"IS ({r['feature_extractor']})",
-             "kid": f"KD ({r['feature_extractor']})"}
-        label = names.get(r["metric"], f"{r['metric']} ({r['feature_extractor']})")
+    """One printed line per record, named as the evaluator declares the metric."""
+    from mage_bench.eval.runner import metric_of
+
+    label = metric_of(r["evaluator"], r["metric"]).display({r["feature_extractor"]},
+                                                            standard=r.get("standard_extractor", True))
     details = "".join(f" {k}={r[k]}" for k in ("k", "shots") if k in r)
-    spread = f" +- {r['std']:.4f}" if r.get("std") is not None and r["evaluator"] == "fid" else ""
-    return f"{r['evaluator']} {label}{details}: {r['value']:.4f}{spread}"
+    spread = f" +- {r['std']:.4f}" if r.get("std") is not None and "n_real" in r else ""
+    return f"{r['evaluator']}: {label}{details}: {r['value']:.4f}{spread}"
 
 
 def cmd_eval_fid(args: argparse.Namespace) -> int:
-    from mage_bench.eval.runner import evaluate_generation
+    from mage_bench.eval.generation import evaluate_generation
 
     if not args.real or not args.fake:
         raise UserError("`mage-bench eval fid` needs --real DIR|DATASET and --fake DIR|RUN_DIR")
-    records = evaluate_generation(args.fake, args.real, _generation_flags(args), num=args.num,
-                                  extractor=args.extractor, backend=args.backend, weights=args.weights,
-                                  split=args.real_split, cache_dir=args.cache, device=resolve_device(args.device),
-                                  progress=_progress_enabled(args))
+    records = evaluate_generation(args.fake, args.real, _eval_settings(args), _generation_flags(args),
+                                  cache_dir=args.cache, progress=_progress_enabled(args))
     human = "\n".join(_record_line(r) for r in records)
     human += f"\n({records[0]['n_samples']} generated vs {records[0]['n_real']} real images, " \
              f"{records[0]['backend']}, extractor {records[0]['feature_extractor']})"
@@ -141,9 +152,8 @@ def cmd_eval_all(args: argparse.Namespace) -> int:
 
     if not args.run:
         raise UserError("`mage-bench eval all` needs --run RUN_DIR")
-    written = evaluate_all(args.run, data_name=args.data, generation=_generation_flags(args) + ("isc", "kid"),
-                           num=args.num, extractor=args.extractor, backend=args.backend, weights=args.weights,
-                           split=args.real_split, cache_dir=args.cache, device=resolve_device(args.device),
+    written = evaluate_all(args.run, _eval_settings(args), data_name=args.data,
+                           flags=_generation_flags(args) + ("isc", "kid"), cache_dir=args.cache,
                            progress=_progress_enabled(args))
     lines = [_record_line(r) for records in written.values() for r in records]
     _emit(args, written, "\n".join(lines) + f"\nrecords: {args.run}/eval/{{{','.join(written)}}}.json")
@@ -175,16 +185,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"`mage-bench eval {args.evaluator}` needs --run RUN_DIR")
     from mage_bench.eval.runner import evaluate_run
 
-    name, options, device = args.evaluator, {}, resolve_device(args.device)
-    if args.protocol in MAE_PROTOCOLS:
-        name = MAE_PROTOCOLS[args.protocol]
-        options = {name: {k: v for k, v in (("epochs", args.probe_epochs), ("batch_size", args.probe_batch_size),
-                                             ("blr", args.probe_blr)) if v is not None}}
-        if name == "linear-mae-cached":  # the faithful probe gets the device from evaluate_run itself
-            options[name]["device"] = device
+    name = MAE_PROTOCOLS.get(args.protocol, args.evaluator)
     # The run's own data settings (image size, split) apply; --data only swaps the data set.
-    written = evaluate_run(args.run, [name], data_name=args.data, progress=_progress_enabled(args),
-                           device=device, options=options)
+    written = evaluate_run(args.run, [name], _eval_settings(args), data_name=args.data,
+                           progress=_progress_enabled(args))
     records = written[name]
     lines = [_record_line(r) for r in records]
     _emit(args, records, "\n".join(lines) + f"\nrecords: {args.run}/eval/{name}.json")
@@ -264,13 +268,7 @@ def _common(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
         parser.add_argument("--json", action="store_true", help="print one JSON document on stdout, nothing else")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mage-bench", description="Train, sweep and evaluate MAGE (MAsked Generative Encoder).",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"mage-bench {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_train_parser(sub: Any) -> None:
     p = sub.add_parser("train", help="train MAGE into a run folder",
                        description="Train MAGE. Precedence: CLI flags > --config file > defaults.",
                        epilog="example:\n  mage-bench train --model mage_tiny --data digits --out runs/demo "
@@ -288,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_generate_parser(sub: Any) -> None:
     p = sub.add_parser("generate", help="iterative decoding from a run into PNG files",
                        epilog="example:\n  mage-bench generate --run runs/demo --num 64 --out runs/demo/samples",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -300,11 +300,40 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_generate)
 
+
+def _add_eval_settings(p: argparse.ArgumentParser) -> None:
+    """The `EvalConfig` settings as flags (a sweep spec's `eval:` keys, with dashes); defaults from EvalConfig."""
+    from mage_bench.config import EvalConfig
+    from mage_bench.eval.linear import HeadSchedule
+
+    d, head = EvalConfig(), HeadSchedule()
+    p.add_argument("--num-samples", "--num", dest="num_samples", type=int,
+                   help="images to generate from a run (all: default = as many as the reference split holds)")
+    p.add_argument("--real-split", choices=["train", "test"], help=f"split of a --real data set (default {d.real_split})")
+    p.add_argument("--extractor", help="inception-v3 (standard FID/IS) | digits-cnn (default for digits)")
+    p.add_argument("--weights", help="extractor weights file (Inception: weights-inception-2015-12-05-6726825d.pth; "
+                                     "also $MAGE_BENCH_INCEPTION_WEIGHTS)")
+    p.add_argument("--backend", help=f"torch-fidelity | clean-fid (default {d.backend})")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"default {d.device}")
+    p.add_argument("--knn-ks", type=int, nargs="+", metavar="K",
+                   help=f"kNN: neighbour counts (default {' '.join(map(str, d.knn_ks))})")
+    p.add_argument("--knn-temperature", type=float, help=f"kNN: vote temperature (default {d.knn_temperature})")
+    p.add_argument("--fewshot-shots", type=int, nargs="+", metavar="N",
+                   help=f"few-shot: images per class (default {' '.join(map(str, d.fewshot_shots))})")
+    p.add_argument("--fewshot-draws", type=int, help=f"few-shot: seeded draws per shot count (default {d.fewshot_draws})")
+    p.add_argument("--probe-epochs", type=int, help=f"--protocol mae|mae-cached: epochs (default {head.epochs})")
+    p.add_argument("--probe-batch-size", type=int,
+                   help=f"--protocol mae|mae-cached: batch size (default {head.batch_size})")
+    p.add_argument("--probe-blr", type=float,
+                   help=f"--protocol mae|mae-cached: base lr, lr = blr * batch / 256 (default {head.blr})")
+
+
+def _add_eval_parser(sub: Any) -> None:
     p = sub.add_parser(
         "eval", help="FID/IS/KID/PR, linear probe, few-shot, kNN",
         description="Evaluate generation (fid: --real/--fake) or representations (linear|fewshot|knn: --run), "
                     "or both at once (all: --run).",
-        epilog="examples:\n  mage-bench eval fid --real digits --fake runs/demo --num 1000 --isc --kid\n"
+        epilog="examples:\n  mage-bench eval fid --real digits --fake runs/demo --num-samples 1000 --isc --kid\n"
                "  mage-bench eval fid --real imagenet_val_png/ --fake samples/ --weights "
                "weights-inception-2015-12-05-6726825d.pth\n  mage-bench eval all --run runs/demo",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -312,17 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="run folder (linear, fewshot, knn, all)")
     p.add_argument("--data", help="data set for the representation evaluators (default: the run's)")
     p.add_argument("--real", help="fid: reference images, a folder or a data set (digits, imagefolder:PATH, ...)")
-    p.add_argument("--fake", help="fid: generated images, a folder, or a run folder (then --num images are "
-                                  "generated into RUN/samples)")
-    p.add_argument("--real-split", default="train", help="split of a --real data set (default train)")
-    p.add_argument("--num", type=int, help="images to generate from a run (all: default = the reference's count)")
-    p.add_argument("--extractor", help="inception-v3 (standard FID/IS) | digits-cnn (default for digits)")
-    p.add_argument("--weights", help="extractor weights file (Inception: weights-inception-2015-12-05-6726825d.pth; "
-                                     "also $MAGE_BENCH_INCEPTION_WEIGHTS)")
-    p.add_argument("--backend", default="torch-fidelity", help="torch-fidelity (default) | clean-fid")
+    p.add_argument("--fake", help="fid: generated images, a folder, or a run folder (then --num-samples images "
+                                  "are generated into RUN/samples)")
+    _add_eval_settings(p)
     p.add_argument("--cache", help="cache for reference images and statistics (default ~/.cache/mage-bench, "
                                    "or $MAGE_BENCH_CACHE)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--protocol", default="logreg", choices=["logreg", *MAE_PROTOCOLS],
                    help="linear: logreg (default: logistic regression on cached features, C chosen on held-out "
                         "data) | mae (the paper's probe: BatchNorm + linear head with LARS, 90 epochs, batch "
@@ -331,16 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "GPUs; records evaluator linear-mae) | mae-cached (the same head on the cached "
                         "centre-crop features, no augmentation: fast, not the paper's numbers; records "
                         "evaluator linear-mae-cached)")
-    p.add_argument("--probe-epochs", type=int, help="--protocol mae|mae-cached: epochs (default 90)")
-    p.add_argument("--probe-batch-size", type=int, help="--protocol mae|mae-cached: batch size (default 4096)")
-    p.add_argument("--probe-blr", type=float,
-                   help="--protocol mae|mae-cached: base lr, lr = blr * batch / 256 (default 0.1)")
     p.add_argument("--isc", action="store_true", help="also the Inception Score")
     p.add_argument("--kid", action="store_true", help="also KID")
     p.add_argument("--prc", action="store_true", help="also precision and recall")
     _common(p)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_sweep_parser(sub: Any) -> None:
     p = sub.add_parser(
         "sweep", help="run a sweep spec (train, evaluate every run) and write its report",
         description="Expand a sweep spec into runs, refuse it when its points differ in anything but the swept "
@@ -364,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_sweep)
 
+
+def _add_report_parser(sub: Any) -> None:
     p = sub.add_parser("report", help="collate run folders into results.csv, summary.csv and index.html",
                        epilog="example:\n  mage-bench report runs/masking --out reports/masking",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -372,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_report)
 
+
+def _add_import_parser(sub: Any) -> None:
     p = sub.add_parser("import", help="import official checkpoints into models/NAME",
                        description="Import official weights strictly and safely (weights_only=True).")
     p.add_argument("path", help="official checkpoint, e.g. vqgan_jax_strongaug.ckpt")
@@ -380,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_import)
 
+
+def _add_bench_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="benchmarks: training throughput, FLOPs per step, MFU")
     p.add_argument("what", choices=["train", "knn", "eval", "fid"],
                    help="train: throughput/MFU; knn: faiss vs scikit-learn (50k x 768, 10k queries); eval: eval "
@@ -391,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_bench)
 
+
+def _add_tokenizer_parser(sub: Any) -> None:
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
     t = tsub.add_parser("train", help="train a VQGAN tokenizer on your data",
@@ -406,6 +435,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     _common(t)
     t.set_defaults(func=cmd_tokenizer_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mage-bench", description="Train, sweep and evaluate MAGE (MAsked Generative Encoder).",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"mage-bench {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train_parser(sub)
+    _add_generate_parser(sub)
+    _add_eval_parser(sub)
+    _add_sweep_parser(sub)
+    _add_report_parser(sub)
+    _add_import_parser(sub)
+    _add_bench_parser(sub)
+    _add_tokenizer_parser(sub)
     return parser
 
 

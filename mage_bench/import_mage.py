@@ -22,12 +22,13 @@ OFFICIAL_PRESETS = ("mage_vit_base_patch16", "mage_vit_large_patch16")
 def import_official_mage(path: str, out_dir: str) -> dict[str, Any]:
     import torch
 
+    from mage_bench.cards import ModelCard, describe_files, write_card
     from mage_bench.config import DataConfig, RunConfig, from_dict, to_dict
-    from mage_bench.io import atomic_torch_save, atomic_write_json, safe_torch_load, sha256_file, utc_now
+    from mage_bench.io import atomic_torch_save, check_state_dict, safe_torch_load, sha256_file
     from mage_bench.mage import create_model
     from mage_bench.runs import CHECKPOINT_FILE
-    from mage_bench.tokenizer import CARD_FILE, WEIGHTS_FILE, create_tokenizer, tokenizer_payload
-    from mage_bench.tokenizer.checkpoint import check_state_dict, unwrap_vqgan_state_dict
+    from mage_bench.tokenizer import WEIGHTS_FILE, create_tokenizer, tokenizer_payload
+    from mage_bench.tokenizer.checkpoint import unwrap_vqgan_state_dict
 
     payload = safe_torch_load(path)
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
@@ -51,17 +52,9 @@ def import_official_mage(path: str, out_dir: str) -> dict[str, Any]:
     atomic_torch_save({"config": to_dict(config), "model": model.state_dict(), "head": None, "step": 0,
                        "imported_from": str(Path(path).resolve())}, out / CHECKPOINT_FILE)
     args = payload.get("args")
-    card = {
-        "kind": "mage",
-        "name": out.name,
-        "architecture": name,
-        "source": {"path": str(Path(path).resolve()), "sha256": sha256_file(path),
-                   "origin": "official MAGE checkpoint (imported, strict)",
-                   "args": vars(args) if args is not None and hasattr(args, "__dict__") else None},
-        "files": {"checkpoint": CHECKPOINT_FILE, "tokenizer": WEIGHTS_FILE},
-        "sha256": {"checkpoint": sha256_file(out / CHECKPOINT_FILE), "tokenizer": sha256_file(out / WEIGHTS_FILE)},
-        "config": to_dict(config),
-        "created_at": utc_now(),
-    }
-    atomic_write_json(out / CARD_FILE, card)
-    return card
+    files = {"checkpoint": CHECKPOINT_FILE, "tokenizer": WEIGHTS_FILE}
+    return write_card(out, ModelCard(
+        kind="mage", name=out.name, architecture=name, config=to_dict(config), files=files,
+        sha256=describe_files(out, files), origin="official MAGE checkpoint (imported, strict)",
+        source={"path": str(Path(path).resolve()), "sha256": sha256_file(path),
+                "args": vars(args) if args is not None and hasattr(args, "__dict__") else None}))

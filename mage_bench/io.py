@@ -15,7 +15,7 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -39,6 +39,58 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_npy_save(path: str | os.PathLike, array: Any) -> None:
+    """`numpy.save` of `array` to `path`, atomically."""
+    import numpy as np
+
+    with atomic_open(path, "wb") as handle:
+        np.save(handle, array)
+
+
+@contextlib.contextmanager
+def atomic_memmap(path: str | os.PathLike, shape: tuple[int, ...], dtype: Any) -> Iterator[Any]:
+    """A memory-mapped .npy to fill in place (memory stays flat in its size), published onto `path` only
+    when the block ends without an error; a failure removes the partial file."""
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        yield array
+        array.flush()
+        del array  # closes the mapping before the rename
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A staging sibling of folder `path` to fill; published onto `path` when the block ends without an
+    error. Publishing is idempotent: when another process published `path` first (runs sharing a cache
+    reach the same reference together), the staged copy is discarded and theirs is kept."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield staging
+        try:
+            os.rename(staging, path)  # atomic; fails when `path` exists (as a non-empty folder)
+        except OSError:
+            if not path.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 _UNSAFE = re.compile(r"[^a-z0-9._-]+")
@@ -126,6 +178,30 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}; is it a torch checkpoint?") from None
+
+
+def _summarise(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def check_state_dict(model: Any, state_dict: Mapping[str, Any], source: str) -> None:
+    """Raise a `CheckpointError` listing every missing, unexpected and mis-shaped key of `state_dict` against
+    `model` (a module with a `config.name`), so strict loading fails with the whole picture at once."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    given = {k: tuple(getattr(v, "shape", ())) for k, v in state_dict.items()}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    mis_shaped = sorted(f"{k} {given[k]} != {expected[k]}" for k in set(expected) & set(given) if given[k] != expected[k])
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_summarise(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_summarise(unexpected)}")
+    if mis_shaped:
+        problems.append(f"wrong shapes: {_summarise(mis_shaped)}")
+    if problems:
+        raise CheckpointError(f"{source} does not match the {model.config.name} architecture: " + "; ".join(problems))
 
 
 @functools.lru_cache(maxsize=8)

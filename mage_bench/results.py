@@ -13,18 +13,39 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mage_bench.config import to_dict
 from mage_bench.errors import UserError
 from mage_bench.io import atomic_write_json, git_commit, package_versions, utc_now
+from mage_bench.metrics import Metric, declared
 
 REQUIRED = ("sweep", "run", "evaluator", "metric", "value", "higher_is_better", "n_samples", "dataset", "split",
             "feature_extractor", "seed", "config_hash", "git_commit", "versions", "created_at")
 
 
 def config_hash(config: Any) -> str:
-    """sha256 of the resolved config as canonical JSON (what makes two runs the same run)."""
-    from mage_bench.config import to_dict
+    """sha256 of the resolved config as canonical JSON (what makes two runs the same run).
 
-    return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()
+    The tokenizer is named by its content (the sha256 of its weights), not by where it lies, so the same
+    sweep run in two folders gives its records the same hashes."""
+    return _hash(_with_tokenizer_identity(to_dict(config)))
+
+
+def path_config_hash(config: Any) -> str:
+    """The hash as written before the tokenizer was named by content (with its path): only to
+    recognise run folders made then."""
+    return _hash(to_dict(config))
+
+
+def _with_tokenizer_identity(data: Any) -> Any:
+    if isinstance(data, dict) and isinstance(data.get("tokenizer"), str):
+        from mage_bench.tokenizer import tokenizer_identity
+
+        return {**data, "tokenizer": tokenizer_identity(data["tokenizer"])}
+    return data
+
+
+def _hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -53,6 +74,35 @@ class ResultRecord:
         if clash:
             raise ValueError(f"evaluator fields {sorted(clash)} clash with the record's own fields")
         return {**record, **extra}
+
+
+@dataclass(frozen=True)
+class RecordContext:
+    """The provenance every record of one evaluation shares (one evaluator on one run or folder)."""
+
+    evaluator: str
+    run: str
+    dataset: str
+    split: str
+    feature_extractor: str
+    n_samples: int
+    seed: int
+    config_hash: str | None
+    sweep: str | None = None
+
+
+Row = tuple[str, float, dict[str, Any]]  # (metric key, value, evaluator-specific fields)
+
+
+def build_records(context: RecordContext, metrics: tuple[Metric, ...], rows: list[Row]) -> list[ResultRecord]:
+    """The one way records are made: each row's direction comes from its metric's declaration."""
+    return [ResultRecord(sweep=context.sweep, run=context.run, evaluator=context.evaluator, metric=key,
+                         value=float(value),
+                         higher_is_better=declared(metrics, key, context.evaluator).higher_is_better,
+                         n_samples=int(context.n_samples), dataset=context.dataset, split=context.split,
+                         feature_extractor=context.feature_extractor, seed=context.seed,
+                         config_hash=context.config_hash, extra=extra)
+            for key, value, extra in rows]
 
 
 def write_records(path: str | Path, records: list[ResultRecord]) -> None:

@@ -45,6 +45,11 @@ class FidExtractor:
 FID_EXTRACTORS: Registry[FidExtractor] = Registry("feature extractor")
 
 
+def standard_extractors() -> set[str]:
+    """The extractors whose numbers may be called FID/IS/KID (the Inception weights that define them)."""
+    return {name for name in FID_EXTRACTORS if FID_EXTRACTORS.get(name).standard}
+
+
 # --------------------------------------------------------------------------------------------
 # Inception-v3 (standard)
 
@@ -183,9 +188,10 @@ def train_digits_cnn(out_dir: str | Path = DIGITS_CNN_DIR, seed: int = 0, epochs
     import torch.nn.functional as F
     from tqdm import tqdm
 
+    from mage_bench.cards import ModelCard, describe_files, write_card
     from mage_bench.config import DataConfig, to_dict
     from mage_bench.data import create_dataset
-    from mage_bench.io import atomic_torch_save, atomic_write_json, sha256_file, utc_now
+    from mage_bench.io import atomic_torch_save
 
     data = DataConfig(name="digits", image_size=16)
     train_x, train_y = create_dataset(data, "train", train_transform=False).tensors()
@@ -226,13 +232,14 @@ def train_digits_cnn(out_dir: str | Path = DIGITS_CNN_DIR, seed: int = 0, epochs
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_torch_save({"model": net.state_dict()}, out / DIGITS_CNN_FILE)
-    card = {"name": "digits-cnn", "what": "digits classifier for FD/KID/PR (penultimate, 64-d, standardised on the train split) "
-                                         "and IS (softmax)",
-            "weights": DIGITS_CNN_FILE, "sha256": sha256_file(out / DIGITS_CNN_FILE), "seed": seed,
-            "epochs": epochs, "data": to_dict(data), "train_images": len(train_x), "test_images": len(test_x),
-            "test_accuracy": accuracy, "train_time_s": round(time.perf_counter() - start, 2),
-            "created_at": utc_now()}
-    atomic_write_json(out / "card.json", card)
+    card = write_card(out, ModelCard(
+        kind="extractor", name="digits-cnn", architecture="digits-cnn", config={"data": to_dict(data)},
+        files={"weights": DIGITS_CNN_FILE}, sha256=describe_files(out, {"weights": DIGITS_CNN_FILE}),
+        origin="trained by mage-bench (seeded) on the digits train split",
+        details={"what": "digits classifier for FD/KID/PR (penultimate, 64-d, standardised on the train split) "
+                         "and IS (softmax)", "seed": seed, "epochs": epochs, "train_images": len(train_x),
+                 "test_images": len(test_x), "test_accuracy": accuracy,
+                 "train_time_s": round(time.perf_counter() - start, 2)}))
     return card
 
 

@@ -4,18 +4,15 @@ The feature is the official linear-probe one (`MAGE.features`: mean of last-bloc
 the class token, through a parameter-free LayerNorm; nothing masked or dropped), computed in
 batches under `torch.inference_mode` and streamed into a memory-mapped .npy, so memory stays flat
 in the number of images. The cache key names everything that changes the values: the checkpoint's
-sha256, the data set config, the split, the transform, the layer and the pooling. Files are
-written to a temporary name and renamed, so a crash never leaves a half cache.
+sha256, the data set config, the split, the transform, the layer and the pooling. Every file is
+written through `mage_bench.io` (a temporary name, then a rename), so a crash never leaves a half cache.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +28,6 @@ def cache_key(checkpoint_sha256: str, data: DataConfig, split: str) -> str:
     spec = {"checkpoint": checkpoint_sha256, "data": to_dict(data), "split": split, "transform": TRANSFORM,
             "layer": LAYER, "pooling": POOLING, "version": FEATURE_VERSION}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def _atomic_npy(path: Path, shape: tuple[int, ...], dtype: Any):
-    """A memory-mapped .npy under a temporary sibling name; `_publish` renames it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape), Path(tmp)
-
-
-def _publish(array: np.memmap, tmp: Path, path: Path) -> None:
-    array.flush()
-    del array
-    os.replace(tmp, path)
 
 
 def probe_features(run: Any, images: Any) -> Any:
@@ -64,7 +48,7 @@ def extract_features(run: str | Path | Any, data: DataConfig, split: str, batch_
     from tqdm import tqdm
 
     from mage_bench.data import create_dataset
-    from mage_bench.io import atomic_write_json
+    from mage_bench.io import atomic_memmap, atomic_npy_save, atomic_write_json
     from mage_bench.runs import EVAL_DIR, LoadedRun, load_run
 
     loaded = run if isinstance(run, LoadedRun) else load_run(run, device)
@@ -80,26 +64,18 @@ def extract_features(run: str | Path | Any, data: DataConfig, split: str, batch_
 
     dataset = create_dataset(data, split, train_transform=False)
     n, dim = len(dataset), loaded.config.model.embed_dim
-    features, feats_tmp = _atomic_npy(feats_path, (n, dim), np.float32)
     labels = np.empty(n, dtype=np.int64)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=data.num_workers)
-    try:
-        with torch.inference_mode():
-            row = 0
-            for images, targets in tqdm(loader, desc=f"features {split}", unit="batch", file=sys.stderr,
-                                        disable=not progress):
-                batch = probe_features(loaded, images.to(device)).cpu().numpy()
-                features[row:row + len(batch)] = batch
-                labels[row:row + len(batch)] = np.asarray(targets)
-                row += len(batch)
-        _publish(features, feats_tmp, feats_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            feats_tmp.unlink()
-        raise
-    with open(labels_path.with_suffix(".tmp"), "wb") as handle:
-        np.save(handle, labels)
-    os.replace(labels_path.with_suffix(".tmp"), labels_path)
+    # Streamed into a memory-mapped file published only when complete (memory flat in the image count).
+    with atomic_memmap(feats_path, (n, dim), np.float32) as features, torch.inference_mode():
+        row = 0
+        for images, targets in tqdm(loader, desc=f"features {split}", unit="batch", file=sys.stderr,
+                                    disable=not progress):
+            batch = probe_features(loaded, images.to(device)).cpu().numpy()
+            features[row:row + len(batch)] = batch
+            labels[row:row + len(batch)] = np.asarray(targets)
+            row += len(batch)
+    atomic_npy_save(labels_path, labels)
     atomic_write_json(meta_path, {**info, "n": n, "dim": dim})  # written last: marks a complete cache
     return np.load(feats_path, mmap_mode="r"), labels, {**info, "cached": False}

@@ -11,6 +11,9 @@ import numpy as np
 
 from mage_bench.errors import UserError
 from mage_bench.eval import blas_threads_for, check_features, l2_normalise
+from mage_bench.metrics import Metric
+
+METRICS = (Metric("top1", True, "few-shot top-1"),)  # one record per shot count (its `shots` field)
 
 
 def draw_support(labels: np.ndarray, shots: int, seed: int, draw: int) -> np.ndarray:

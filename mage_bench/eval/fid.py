@@ -12,8 +12,6 @@ import numpy as np
 from mage_bench.errors import UserError
 from mage_bench.eval import check_features
 
-KEY_FID = "fid"
-
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mu [D], sigma [D, D]) in float64; sigma is the unbiased covariance (N - 1), like torch-fidelity."""

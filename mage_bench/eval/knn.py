@@ -10,8 +10,11 @@ from __future__ import annotations
 import numpy as np
 
 from mage_bench.eval import check_features, l2_normalise, top1_top5
+from mage_bench.metrics import Metric
 
-KEY_TOP1, KEY_TOP5 = "top1", "top5"
+# The records of the `knn` evaluator: classification at each k, then retrieval with the same features.
+METRICS = (Metric("top1", True, "kNN top-1"), Metric("top5", True, "kNN top-5"),
+           Metric("map_at_r", True, "retrieval mAP@R"), Metric("precision_at_10", True, "retrieval precision@10"))
 
 
 def nearest_neighbours(database: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -37,7 +40,7 @@ def knn_classify(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     votes = np.zeros((test.shape[0], num_classes))
     np.add.at(votes, (np.arange(test.shape[0])[:, None], train_y[idx]), np.exp(sims.astype(np.float64) / temperature))
     top1, top5 = top1_top5(votes, test_y)  # ties: the lower class id first
-    return {KEY_TOP1: top1, KEY_TOP5: top5, "k": k}
+    return {"top1": top1, "top5": top5, "k": k}
 
 
 def retrieval_metrics(database_x: np.ndarray, database_y: np.ndarray, query_x: np.ndarray, query_y: np.ndarray,

@@ -30,6 +30,11 @@ import numpy as np
 
 from mage_bench.config import DataConfig
 from mage_bench.eval.linear import HeadSchedule, head_result, train_mae_head
+from mage_bench.metrics import Metric
+
+# Records of the paper-protocol probes (`linear-mae` here, `linear-mae-cached` on cached features).
+PROBE_METRICS = (Metric("top1", True, "linear probe (paper protocol) top-1"),
+                 Metric("top5", True, "linear probe (paper protocol) top-5"))
 
 CROP_SCALE, CROP_RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10  # tries for a box inside the image before the centred fallback

@@ -18,12 +18,21 @@ import numpy as np
 import pandas as pd
 
 from mage_bench.errors import UserError
+from mage_bench.eval.extractors import standard_extractors
+from mage_bench.eval.generation import EVALUATOR as GENERATION_EVALUATOR
+from mage_bench.eval.runner import metric_of
+from mage_bench.metrics import Metric
 from mage_bench.results import read_records
+from mage_bench.runs import (
+    EVAL_DIR,
+    FAILED_FILE,
+    REFERENCE_DIR,
+    REFERENCE_LABELS,
+    RUN_META,
+    SWEEP_FILE,
+    UNTRAINED_RUN,
+)
 
-SWEEP_FILE, RUN_META, FAILED_FILE, EVAL_DIR = "sweep.json", "sweep-run.json", "FAILED", "eval"
-REFERENCE_LABELS = {"reference-raw-pixels": "reference: raw pixels", "untrained": "reference: untrained model",
-                    "reference-real-test": "reference: real held-out images",
-                    "reference-real-train": "reference: real held-out images"}
 TIMING_COLUMNS = ("created_at",)  # differ between otherwise identical reruns
 AXIS_PREFIX = "axis:"
 
@@ -35,33 +44,39 @@ def axis_column(parameter: str) -> str:
 
 @dataclass(frozen=True)
 class Headline:
-    """A metric the summary table and figures show."""
+    """A metric the summary table and figures show: one declared metric of one evaluator, narrowed by
+    `where` (extra column filters, e.g. {"k": 20})."""
 
     key: str
     evaluator: str
     metric: str
-    label: str
-    where: dict[str, Any] = field(default_factory=dict)  # extra column filters, e.g. {"k": 20}
-    generation: bool = False
+    where: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def declaration(self) -> Metric:
+        return metric_of(self.evaluator, self.metric)
+
+    @property
+    def generation(self) -> bool:
+        return self.evaluator == GENERATION_EVALUATOR
 
 
 HEADLINES = (
-    Headline("linear", "linear", "top1", "linear probe top-1"),
-    Headline("knn", "knn", "top1", "kNN top-1 (k=20)", {"k": 20}),
-    Headline("fewshot", "fewshot", "top1", "10-shot top-1", {"shots": 10}),
-    Headline("map", "knn", "map_at_r", "retrieval mAP@R"),
-    Headline("fid", "fid", "fid", "FID", generation=True),
-    Headline("is", "fid", "is", "IS", generation=True),
-    Headline("kid", "fid", "kid", "KID", generation=True),
+    Headline("linear", "linear", "top1"),
+    Headline("knn", "knn", "top1", {"k": 20}),
+    Headline("fewshot", "fewshot", "top1", {"shots": 10}),
+    Headline("map", "knn", "map_at_r"),
+    Headline("fid", "fid", "fid"),
+    Headline("is", "fid", "is"),
+    Headline("kid", "fid", "kid"),
 )
 
 
 def headline_label(headline: Headline, extractors: set[str]) -> str:
-    """FID/IS/KID only with the standard Inception weights; otherwise say which extractor."""
-    if not headline.generation or extractors <= {"inception-v3"}:
-        return headline.label
-    name = {"fid": "FD", "is": "IS", "kid": "KD"}[headline.key]
-    return f"{name} ({', '.join(sorted(extractors))}; not Inception)"
+    """The declared label; generation metrics name their extractor unless it is the standard one."""
+    qualifier = ", ".join(f"{k}={v}" for k, v in headline.where.items())
+    return headline.declaration.display(extractors, standard=extractors <= standard_extractors(),
+                                        qualifier=qualifier)
 
 
 @dataclass
@@ -107,13 +122,13 @@ def collect(paths: list[str | Path]) -> Collected:
             sweeps.append({**sweep, "folder": str(path)})
             for run in sweep["runs"]:
                 add_run(path / run["run"], run)
-            reference = path / "_reference"
+            reference = path / REFERENCE_DIR
             for file in sorted(reference.glob("*.json")):
                 for record in read_records(file):
                     rows.append({**record, "point": REFERENCE_LABELS.get(record["run"], record["run"]),
                                  "swept_value": "null", "role": "reference"})
-            if (reference / "untrained").is_dir():
-                add_run(reference / "untrained", {}, role="reference", label=REFERENCE_LABELS["untrained"])
+            if (reference / UNTRAINED_RUN).is_dir():
+                add_run(reference / UNTRAINED_RUN, {}, role="reference", label=REFERENCE_LABELS[UNTRAINED_RUN])
         elif _looks_like_run(path):
             add_run(path, None)
         else:

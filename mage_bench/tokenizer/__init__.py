@@ -6,15 +6,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
 
+from mage_bench.cards import CARD_FILE, card_sha256, read_card
 from mage_bench.config import TokenizerConfig, from_dict, to_dict
 from mage_bench.errors import CheckpointError, ConfigError
 
 WEIGHTS_FILE = "tokenizer.pt"
-CARD_FILE = "card.json"
 FORMAT = "mage-bench/tokenizer/1"
 
 
@@ -55,8 +56,7 @@ def tokenizer_config_at(path: str | os.PathLike) -> TokenizerConfig:
 
 def load_tokenizer(path: str | os.PathLike):
     """Load `models/NAME/` (or its `tokenizer.pt`) into a tokenizer in eval mode."""
-    from mage_bench.io import safe_torch_load
-    from mage_bench.tokenizer.checkpoint import check_state_dict
+    from mage_bench.io import check_state_dict, safe_torch_load
     from mage_bench.tokenizer.vqgan import VQGAN
 
     path = Path(path)
@@ -73,3 +73,23 @@ def load_tokenizer(path: str | os.PathLike):
     check_state_dict(model, payload["state_dict"], source=str(file))
     model.load_state_dict(payload["state_dict"], strict=True)
     return model.eval()
+
+
+def tokenizer_identity(path: str | os.PathLike) -> str:
+    """What a run's `tokenizer` setting means for its numbers: the sha256 of the weights in folder `path`
+    (from the folder's card, which records it, else by hashing the file). A folder that holds no
+    tokenizer yet (a sweep's, before it is trained) is named by its path."""
+    folder = Path(path)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        return f"path:{path}"
+    return _weights_identity(str(weights.resolve()), weights.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _weights_identity(weights: str, mtime_ns: int) -> str:  # mtime in the key: a retrained file is re-read
+    from mage_bench.io import sha256_file
+
+    card = read_card(Path(weights).parent) or {}
+    digest = card_sha256(card, "tokenizer") if card.get("kind") in ("tokenizer", "mage") else None
+    return f"sha256:{digest or sha256_file(weights)}"

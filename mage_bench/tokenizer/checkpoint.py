@@ -46,36 +46,14 @@ def unwrap_vqgan_state_dict(payload: Any, source: str) -> tuple[dict[str, Any], 
                           "{'state_dict': ...}, a MAGE {'model': {'vqgan.*': ...}} or a bare state_dict")
 
 
-def _summarise(keys: list[str], limit: int = 6) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
-def check_state_dict(model, state_dict: Mapping[str, Any], source: str) -> None:
-    """Raise a `CheckpointError` listing every missing, unexpected and mis-shaped key."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    given = {k: tuple(getattr(v, "shape", ())) for k, v in state_dict.items()}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    mis_shaped = sorted(f"{k} {given[k]} != {expected[k]}" for k in set(expected) & set(given) if given[k] != expected[k])
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_summarise(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_summarise(unexpected)}")
-    if mis_shaped:
-        problems.append(f"wrong shapes: {_summarise(mis_shaped)}")
-    if problems:
-        raise CheckpointError(f"{source} does not match the {model.config.name} architecture: " + "; ".join(problems))
-
-
 def import_official_vqgan(path: str, out_dir: str, name: str = "vqgan_mage") -> dict[str, Any]:
     """Load official VQGAN weights strictly into `vqgan_mage` and write `out_dir/tokenizer.pt` + card."""
     import torch
 
+    from mage_bench.cards import ModelCard, describe_files, write_card
     from mage_bench.config import to_dict
-    from mage_bench.io import atomic_torch_save, atomic_write_json, safe_torch_load, sha256_file, utc_now
-    from mage_bench.tokenizer import CARD_FILE, WEIGHTS_FILE, create_tokenizer, tokenizer_payload
+    from mage_bench.io import atomic_torch_save, check_state_dict, safe_torch_load, sha256_file
+    from mage_bench.tokenizer import WEIGHTS_FILE, create_tokenizer, tokenizer_payload
 
     payload = safe_torch_load(path)
     state_dict, layout = unwrap_vqgan_state_dict(payload, path)
@@ -84,16 +62,8 @@ def import_official_vqgan(path: str, out_dir: str, name: str = "vqgan_mage") -> 
     model.load_state_dict({k: v.to(torch.float32) for k, v in state_dict.items()}, strict=True)
     out = Path(out_dir)
     atomic_torch_save(tokenizer_payload(model), out / WEIGHTS_FILE)
-    card = {
-        "kind": "tokenizer",
-        "name": out.name,
-        "architecture": name,
-        "config": to_dict(model.config),
-        "source": {"path": str(Path(path).resolve()), "sha256": sha256_file(path), "layout": layout,
-                   "origin": "official MAGE VQGAN weights (imported, strict)"},
-        "weights_file": WEIGHTS_FILE,
-        "sha256": sha256_file(out / WEIGHTS_FILE),
-        "created_at": utc_now(),
-    }
-    atomic_write_json(out / CARD_FILE, card)
-    return card
+    return write_card(out, ModelCard(
+        kind="tokenizer", name=out.name, architecture=name, config=to_dict(model.config),
+        files={"tokenizer": WEIGHTS_FILE}, sha256=describe_files(out, {"tokenizer": WEIGHTS_FILE}),
+        origin="official MAGE VQGAN weights (imported, strict)",
+        source={"path": str(Path(path).resolve()), "sha256": sha256_file(path), "layout": layout}))

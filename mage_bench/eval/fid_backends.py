@@ -1,0 +1,180 @@
+"""FID backends: the libraries that compute FID/FD, IS, KID and precision/recall from two image folders.
+
+`BACKENDS` is the registry: torch-fidelity (every metric) and clean-fid (FID, KID). `METRICS` declares the
+records the `fid` evaluator writes (key, direction, label), `FLAGS` which records each metric flag asks for.
+
+Reference statistics are cached per (reference, resolution, extractor + weights, N): torch-fidelity
+keeps them in its own cache under `<cache>/torch-fidelity` (named by that key), clean-fid's features
+are kept under `<cache>/clean-fid/<key>.npy`; a second call with the same reference skips its
+extraction. KID uses subsets of min(1000, N_real, N_fake) images (recorded as `kid_subset_size`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mage_bench.errors import UserError
+from mage_bench.eval.image_sets import ImageSet
+from mage_bench.metrics import Metric
+from mage_bench.registry import Registry
+
+KID_SUBSET_SIZE, KID_SUBSETS = 1000, 100
+# The metric flags (`--isc`, `--kid`, `--prc`; FID always) -> the records each one produces.
+FLAGS = {"fid": ("fid",), "isc": ("is",), "kid": ("kid",), "prc": ("precision", "recall")}
+# Records of the `fid` evaluator. FID/IS/KID keep their names only with the standard Inception weights.
+METRICS = (Metric("fid", False, "FID", nonstandard_label="FD"), Metric("is", True, "IS", nonstandard_label="IS"),
+           Metric("kid", False, "KID", nonstandard_label="KD"),
+           Metric("precision", True, "precision", nonstandard_label="precision"),
+           Metric("recall", True, "recall", nonstandard_label="recall"))
+SPREADS = {"is": "is_std", "kid": "kid_std"}  # a record's `std`: the backend's key of its spread
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+
+
+@dataclass(frozen=True)
+class Request:
+    fake: ImageSet
+    real: ImageSet
+    metrics: frozenset[str]  # metric flags: keys of FLAGS
+    extractor: Any  # extractors.FidExtractor
+    weights: Path
+    device: str
+    cache_dir: Path
+    seed: int
+    progress: bool
+
+    def reference_key(self) -> str:
+        from mage_bench.io import sha256_file
+
+        spec = {"real": self.real.identity, "size": self.real.size, "n": self.real.count,
+                "extractor": self.extractor.name, "weights": sha256_file(self.weights)}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+
+    @property
+    def kid_subset_size(self) -> int:
+        return min(KID_SUBSET_SIZE, self.real.count, self.fake.count)
+
+
+@dataclass(frozen=True)
+class Backend:
+    compute: Callable[[Request], dict[str, float]]
+    metrics: frozenset[str]  # which metric flags (keys of FLAGS) it can compute
+
+
+BACKENDS: Registry[Backend] = Registry("FID backend")
+
+
+def _torch_fidelity(request: Request) -> dict[str, float]:
+    import torch_fidelity
+    from torch_fidelity.datasets import ImagesPathDataset
+
+    from mage_bench.eval.extractors import register_with_torch_fidelity
+
+    register_with_torch_fidelity()
+    def images(files: tuple[Path, ...]):  # torch-fidelity's own folder reader, on exactly these files
+        return ImagesPathDataset([str(f) for f in files])
+
+    metrics = torch_fidelity.calculate_metrics(
+        input1=images(request.fake.files), input2=images(request.real.files),
+        input2_cache_name=f"mage-bench-ref-{request.reference_key()}",
+        cuda=request.device.startswith("cuda"),  # torch-fidelity defaults to cuda=True, which fails on CPU
+        isc="isc" in request.metrics, fid="fid" in request.metrics, kid="kid" in request.metrics,
+        prc="prc" in request.metrics,
+        feature_extractor=request.extractor.torch_fidelity_name,
+        feature_extractor_weights_path=str(request.weights),
+        kid_subset_size=request.kid_subset_size, kid_subsets=KID_SUBSETS, rng_seed=request.seed,
+        cache_root=str(request.cache_dir / "torch-fidelity"), cache=True,
+        save_cpu_ram=not request.device.startswith("cuda"),  # no DataLoader worker processes on CPU
+        verbose=request.progress)
+    names = {"frechet_inception_distance": "fid", "inception_score_mean": "is", "inception_score_std": "is_std",
+             "kernel_inception_distance_mean": "kid", "kernel_inception_distance_std": "kid_std",
+             "precision": "precision", "recall": "recall", "f_score": "f_score"}
+    return {names[k]: float(v) for k, v in metrics.items() if k in names}
+
+
+def _clean_fid(request: Request) -> dict[str, float]:
+    import torch
+    from cleanfid import fid as cleanfid
+
+    from mage_bench.io import atomic_npy_save
+
+    model = request.extractor.cleanfid_model(request.weights, request.device)
+    resize = request.extractor.cleanfid_resize()
+    device = torch.device(request.device)
+
+    def features(files: tuple[Path, ...], label: str) -> np.ndarray:
+        return cleanfid.get_files_features([str(f) for f in files], model=model, num_workers=0, batch_size=64,
+                                           device=device, mode="clean", custom_fn_resize=resize,
+                                           description=label, verbose=request.progress)
+
+    reference = request.cache_dir / "clean-fid" / f"{request.reference_key()}.npy"
+    if reference.is_file():
+        real = np.load(reference)
+    else:
+        real = features(request.real.files, "clean-fid real ")
+        atomic_npy_save(reference, real)
+    fake = features(request.fake.files, "clean-fid fake ")
+    out = {}
+    with contextlib.redirect_stdout(sys.stderr):  # clean-fid prints; --json owns stdout
+        if "fid" in request.metrics:
+            out["fid"] = float(cleanfid.fid_from_feats(fake, real))
+        if "kid" in request.metrics:
+            state = np.random.get_state()  # clean-fid draws KID subsets from the global NumPy RNG
+            np.random.seed(request.seed)
+            try:
+                out["kid"] = float(cleanfid.kernel_distance(fake, real, num_subsets=KID_SUBSETS,
+                                                            max_subset_size=request.kid_subset_size))
+            finally:
+                np.random.set_state(state)
+    return out
+
+
+BACKENDS.register("torch-fidelity")(Backend(_torch_fidelity, frozenset(FLAGS)))
+BACKENDS.register("clean-fid")(Backend(_clean_fid, frozenset({"fid", "kid"})))
+
+
+def check_backend(name: str, metrics: tuple[str, ...] | frozenset[str]) -> Backend:
+    """The backend, if it can compute `metrics` (checked before any image is read)."""
+    backend = BACKENDS.get(name)
+    unsupported = set(metrics) - backend.metrics
+    if unsupported:
+        raise UserError(f"{name} computes {', '.join(sorted(backend.metrics))} only, not "
+                        f"{', '.join(sorted(unsupported))}; use --backend torch-fidelity")
+    return backend
+
+
+def compute_metrics(request: Request, backend: str) -> dict[str, float]:
+    """Metric name -> value (fid, is, is_std, kid, kid_std, precision, recall, f_score as computed)."""
+    run = check_backend(backend, request.metrics).compute
+    if not request.metrics:
+        raise UserError("no generation metric asked for")
+    if "kid" in request.metrics and request.kid_subset_size < 2:
+        raise UserError(f"KID needs at least 2 images on each side (real {request.real.count}, "
+                        f"fake {request.fake.count})")
+    if "fid" in request.metrics and min(request.real.count, request.fake.count) < 2:
+        raise UserError(f"FID needs at least 2 images on each side (real {request.real.count}, "
+                        f"fake {request.fake.count})")
+    hint = "the features contain NaN or inf (check the images and the extractor weights)"
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # both libraries print progress on stdout
+            values = run(request)
+    except (ValueError, np.linalg.LinAlgError) as exc:
+        # The libraries feed features straight into linear algebra, which refuses NaN/inf.
+        if any(word in str(exc).lower() for word in ("nan", "inf")):
+            raise UserError(f"{backend} failed: {hint}") from None
+        raise
+    bad = [k for k, v in values.items() if not np.isfinite(v)]
+    if bad:
+        raise UserError(f"{', '.join(bad)} came out non-finite: {hint}")
+    return values
