@@ -37,19 +37,23 @@ def _show(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
-def resolved_points(plans: list[Any]) -> dict[str, dict[str, Any]]:
-    """Point label -> its flattened, automatically resolved run config (seed left out), in plan order.
+def resolved_points(plans: list[Any]) -> dict[str, Any]:
+    """Point label -> its automatically resolved run config, in plan order.
 
     The seeds of one point share everything but the seed by construction, so the first stands for all.
     """
     from mage_bench.train import resolve_automatic
 
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, Any] = {}
     for plan in plans:
         if plan.point not in out:
-            flat = flatten(to_dict(resolve_automatic(plan.config)))
-            out[plan.point] = {k: v for k, v in flat.items() if k not in IGNORED}
+            out[plan.point] = resolve_automatic(plan.config)
     return out
+
+
+def flat_config(config: Any) -> dict[str, Any]:
+    """A run config as {dotted key: value}, the seed left out."""
+    return {k: v for k, v in flatten(to_dict(config)).items() if k not in IGNORED}
 
 
 def differing_keys(points: dict[str, dict[str, Any]]) -> list[str]:
@@ -57,20 +61,22 @@ def differing_keys(points: dict[str, dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({json.dumps(flat.get(k), sort_keys=True) for flat in points.values()}) > 1]
 
 
-def derived(flat: dict[str, Any]) -> dict[str, Any]:
+def derived(config: Any) -> dict[str, Any]:
     """What a reader needs to see beside the keys: quantities that follow from several of them."""
-    from mage_bench.mage.masking import create_masking, num_dropped, realised_mean
+    from mage_bench.mage.masking import num_dropped, realised_mean
 
-    tokens, drop = flat["model.num_tokens"], flat["masking.mask_ratio_min"]
-    floor = drop if flat["masking.clamp_to_drop"] else 0.0
-    return {"drop share": drop, "encoder length": 1 + tokens - num_dropped(tokens, drop),
-            "mean masking ratio": round(realised_mean(create_masking(flat["masking.spec"]), floor), 4),
-            "augmentation": flat["train.augment"], "steps": flat["train.steps"]}
+    masking, tokens = config.masking, config.model.num_tokens
+    floor = masking.mask_ratio_min if masking.clamp_to_drop else 0.0
+    return {"drop share": masking.mask_ratio_min,
+            "encoder length": 1 + tokens - num_dropped(tokens, masking.mask_ratio_min),
+            "mean masking ratio": round(realised_mean(masking.distribution, floor), 4),
+            "augmentation": config.train.augment, "steps": config.train.steps}
 
 
 def check_confounds(spec: Any, plans: list[Any]) -> dict[str, Any]:
     """Refuse a sweep whose points differ in an undeclared key; return what differs, for the record."""
-    points = resolved_points(plans)
+    configs = resolved_points(plans)
+    points = {label: flat_config(config) for label, config in configs.items()}
     swept = spec.swept_keys
     coupled = [c.key for c in spec.coupled]
     differing = differing_keys(points)
@@ -94,7 +100,7 @@ def check_confounds(spec: Any, plans: list[Any]) -> dict[str, Any]:
         "swept": swept,
         "coupled": [{"key": c.key, "reason": c.reason} for c in spec.coupled],
         "differing": differing,
-        "table": [{"point": label, "values": {k: flat.get(k) for k in shown}, "derived": derived(flat)}
+        "table": [{"point": label, "values": {k: flat.get(k) for k in shown}, "derived": derived(configs[label])}
                   for label, flat in points.items()],
     }
 

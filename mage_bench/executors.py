@@ -6,32 +6,53 @@
 - `slurm`: each run a Slurm job through submitit (partition, GPUs, CPUs, memory, time from the spec's
   `executor.slurm` or the CLI); `executor.slurm.cluster: local` runs the same path on this machine
   with submitit's local executor (what the tests use).
-All of them call `execute_run`, which skips DONE runs and resumes interrupted ones.
+All of them call `run_job.execute_run`, which skips DONE runs and resumes interrupted ones.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mage_bench.errors import UserError
 from mage_bench.registry import Registry
+from mage_bench.run_job import execute_run
+from mage_bench.runs import DONE_FILE, SHARED_DIR
 
-Executor = Callable[[Any, list[Any]], list[dict[str, Any]]]  # (SweepContext, plans) -> outcomes
+
+@dataclass
+class SweepContext:
+    """What an executor needs of the sweep it carries out (made by `sweep.run_sweep`)."""
+
+    spec: Any  # sweep_spec.SweepSpec
+    runs_dir: Path
+    report_dir: Path
+    progress: bool
+    device: str = "cpu"
+    timings: dict[str, float] = field(default_factory=dict)
+    differs: dict[str, Any] = field(default_factory=dict)  # mage_bench.confounds.check_confounds
+
+    @property
+    def cache(self) -> Path:
+        return self.runs_dir / SHARED_DIR / "cache"
+
+
+Executor = Callable[[SweepContext, list[Any]], list[dict[str, Any]]]  # (context, plans) -> outcomes
 EXECUTORS: Registry[Executor] = Registry("executor")
 
 
-def _bar(ctx: Any, total: int):
+def _bar(ctx: SweepContext, total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=f"sweep {ctx.spec.name}", unit="run", file=sys.stderr, disable=not ctx.progress,
                 position=0, dynamic_ncols=True)
 
 
-def _one_after_another(ctx: Any, plans: list[Any], train_command: list[str] | None = None) -> list[dict[str, Any]]:
-    from mage_bench.sweep import execute_run
-
+def _one_after_another(ctx: SweepContext, plans: list[Any],
+                       train_command: list[str] | None = None) -> list[dict[str, Any]]:
     outcomes = []
     with _bar(ctx, len(plans)) as bar:
         for plan in plans:
@@ -43,12 +64,12 @@ def _one_after_another(ctx: Any, plans: list[Any], train_command: list[str] | No
 
 
 @EXECUTORS.register("local")
-def run_local(ctx: Any, plans: list[Any]) -> list[dict[str, Any]]:
+def run_local(ctx: SweepContext, plans: list[Any]) -> list[dict[str, Any]]:
     return _one_after_another(ctx, plans)
 
 
 @EXECUTORS.register("torchrun")
-def run_torchrun(ctx: Any, plans: list[Any]) -> list[dict[str, Any]]:
+def run_torchrun(ctx: SweepContext, plans: list[Any]) -> list[dict[str, Any]]:
     nproc = ctx.spec.executor.nproc_per_node
     if nproc < 1:
         raise UserError(f"executor.nproc_per_node must be >= 1, got {nproc}")
@@ -58,16 +79,13 @@ def run_torchrun(ctx: Any, plans: list[Any]) -> list[dict[str, Any]]:
 
 
 @EXECUTORS.register("slurm")
-def run_slurm(ctx: Any, plans: list[Any]) -> list[dict[str, Any]]:
+def run_slurm(ctx: SweepContext, plans: list[Any]) -> list[dict[str, Any]]:
     try:
         import submitit
     except ImportError:
         raise UserError("the slurm executor needs submitit: pip install 'mage-bench[slurm]'") from None
-    from mage_bench.runs import DONE_FILE
-    from mage_bench.sweep import SHARED, execute_run
-
     options = ctx.spec.executor.slurm
-    executor = submitit.AutoExecutor(folder=str(ctx.runs_dir / SHARED / "submitit"), cluster=options.cluster)
+    executor = submitit.AutoExecutor(folder=str(ctx.runs_dir / SHARED_DIR / "submitit"), cluster=options.cluster)
     executor.update_parameters(name=f"mage-{ctx.spec.name}", timeout_min=options.timeout_min, mem_gb=options.mem_gb,
                                gpus_per_node=options.gpus_per_node, cpus_per_task=options.cpus_per_task,
                                nodes=options.nodes, slurm_partition=options.partition)

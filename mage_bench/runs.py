@@ -1,4 +1,5 @@
-"""The run directory contract (ARCHITECTURE.md) and loading a trained run back."""
+"""The run directory contract (ARCHITECTURE.md): the names of a run folder's and a sweep folder's files,
+defined once (the torch-free report imports them too), and loading a trained run back."""
 
 from __future__ import annotations
 
@@ -8,12 +9,29 @@ from typing import Any
 
 from mage_bench.errors import UserError
 
+# A run folder (the run directory contract)
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
-EVAL_DIR = "eval"
+EVAL_DIR = "eval"  # result records, one NAME.json per evaluator
 SAMPLES_DIR = "samples"
 DONE_FILE = "DONE"
+# ... in a sweep, also:
+RUN_META = "sweep-run.json"  # the run's sweep point, seed and config hash
+FAILED_FILE = "FAILED"
+TIMING_FILE = "timing.json"
+
+# A sweep's runs folder
+SWEEP_FILE = "sweep.json"  # the expanded sweep: points, runs, densities, timings (what the report reads)
+SHARED_DIR = "_shared"  # the tokenizer and the FID reference cache every run shares
+REFERENCE_DIR = "_reference"  # the reference rows
+# The reference rows' run names (their records' `run` field) and how the report labels them. The
+# untrained model is a run folder `_reference/untrained`; the others are record files in `_reference/`.
+RAW_PIXELS_RUN = "reference-raw-pixels"
+UNTRAINED_RUN = "untrained"
+REAL_HELDOUT_RUN = "reference-real-{split}"  # real images of the split the reference does not use
+REFERENCE_LABELS = {RAW_PIXELS_RUN: "reference: raw pixels", UNTRAINED_RUN: "reference: untrained model",
+                    **{REAL_HELDOUT_RUN.format(split=s): "reference: real held-out images" for s in ("train", "test")}}
 
 
 @dataclass(frozen=True)

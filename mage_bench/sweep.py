@@ -1,52 +1,48 @@
 """Running a sweep: expand its spec, run every (point, seed), evaluate, write the report.
 
-Layout under the runs folder (default runs/<sweep>):
+Layout under the runs folder (default runs/<sweep>; the names are defined in `mage_bench.runs`):
   _shared/tokenizer/      trained once per sweep (or the spec's `tokenizer.path`)
   _shared/cache/          reference images and statistics for FID, shared by every run
   _reference/untrained/   the untrained model, evaluated like the runs ("nothing learned")
   _reference/*.json       raw-pixel and real-held-out-image result records
   <point>-<hash>-s<seed>/ one run folder each (run directory contract) + sweep-run.json
   sweep.json              the expanded sweep: points, runs, densities, timings (what the report reads)
-The spec itself (schema, presets, validation, run names) is `mage_bench.sweep_spec`.
+The spec itself (schema, presets, validation, run names) is `mage_bench.sweep_spec`; one run from
+training to DONE is `mage_bench.run_job`; the executors that carry runs out are `mage_bench.executors`.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mage_bench.config import to_dict
 from mage_bench.confounds import check_confounds, format_table
 from mage_bench.errors import UserError
-from mage_bench.sweep_spec import RunPlan, SweepSpec, check_parameter, expand, load_spec, slug
+from mage_bench.executors import EXECUTORS, SweepContext
+from mage_bench.run_job import evaluate_run_folder
+from mage_bench.runs import (
+    CHECKPOINT_FILE,
+    DONE_FILE,
+    FAILED_FILE,
+    RAW_PIXELS_RUN,
+    REAL_HELDOUT_RUN,
+    REFERENCE_DIR,
+    RUN_META,
+    SHARED_DIR,
+    SWEEP_FILE,
+    TIMING_FILE,
+    UNTRAINED_RUN,
+)
+from mage_bench.sweep_spec import RunPlan, SweepSpec, check_parameter, expand, load_spec
 
-__all__ = ["RunPlan", "SweepSpec", "check_parameter", "execute_run", "expand", "load_spec", "run_sweep", "slug"]
-
-SHARED, REFERENCE = "_shared", "_reference"
-RUN_META, FAILED_FILE, TIMING_FILE, SWEEP_FILE = "sweep-run.json", "FAILED", "timing.json", "sweep.json"
+__all__ = ["RunPlan", "SweepSpec", "check_parameter", "expand", "load_spec", "run_sweep"]
 
 
 # --------------------------------------------------------------------------------------------
 # Running
-
-
-@dataclass
-class SweepContext:
-    spec: SweepSpec
-    runs_dir: Path
-    report_dir: Path
-    progress: bool
-    device: str = "cpu"
-    timings: dict[str, float] = field(default_factory=dict)
-    differs: dict[str, Any] = field(default_factory=dict)  # mage_bench.confounds.check_confounds
-
-    @property
-    def cache(self) -> Path:
-        return self.runs_dir / SHARED / "cache"
 
 
 def prepare_tokenizer(ctx: SweepContext) -> str:
@@ -60,82 +56,13 @@ def prepare_tokenizer(ctx: SweepContext) -> str:
             raise UserError(f"tokenizer.path {ctx.spec.tokenizer.path} is not a folder; train one with "
                             "mage-bench tokenizer train or drop tokenizer.path")
         return ctx.spec.tokenizer.path
-    out = ctx.runs_dir / SHARED / "tokenizer"
+    out = ctx.runs_dir / SHARED_DIR / "tokenizer"
     if not (out / CARD_FILE).is_file():  # the card is written last: no card, not finished
         tic = time.perf_counter()
         config = resolve_config(TokenizerJobConfig, ctx.spec.tokenizer.train)
         train_tokenizer(config, out, resume=True, progress=ctx.progress)
         ctx.timings["tokenizer_s"] = time.perf_counter() - tic
     return str(out)
-
-
-def execute_run(plan: RunPlan, spec: SweepSpec, runs_dir: Path, device: str, progress: bool,
-                train_command: list[str] | None = None) -> dict[str, Any]:
-    """Train (resuming), generate, evaluate one run and mark it DONE; failures are recorded, not raised.
-
-    `train_command`: run training as this subprocess instead (the torchrun executor); the rest runs here.
-    """
-    from mage_bench.io import atomic_write_json, atomic_write_text
-    from mage_bench.runs import DONE_FILE, resolve_device
-    from mage_bench.train import TrainingFailed, train
-
-    device = resolve_device(device)
-    run_dir = runs_dir / plan.name
-    if (run_dir / DONE_FILE).is_file():
-        return {"run": plan.name, "status": "done", "skipped": True}
-    (run_dir / FAILED_FILE).unlink(missing_ok=True)
-    timing: dict[str, float] = {}
-    try:
-        tic = time.perf_counter()
-        if train_command is None:
-            train(plan.config, run_dir, resume=True, progress=progress)
-        else:
-            _train_subprocess(plan, run_dir, train_command)
-        timing["train_s"] = time.perf_counter() - tic
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / RUN_META, plan.meta(spec))
-        timing.update(evaluate_run_folder(run_dir, spec, runs_dir / SHARED / "cache", device, progress))
-    except Exception as exc:  # recorded and reported; the sweep goes on and its exit code says so
-        expected = isinstance(exc, (TrainingFailed, UserError, subprocess.CalledProcessError))
-        lines = str(exc).splitlines() or [""]
-        error = lines[0] if expected else f"{type(exc).__name__}: {lines[0]}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / FAILED_FILE, {**plan.meta(spec), "error": error})
-        return {"run": plan.name, "status": "failed", "error": error}
-    atomic_write_json(run_dir / TIMING_FILE, timing)
-    atomic_write_text(run_dir / DONE_FILE, json.dumps({"finished_at": time.time()}) + "\n")  # written last
-    return {"run": plan.name, "status": "done", "skipped": False, **timing}
-
-
-def evaluate_run_folder(run_dir: Path, spec: SweepSpec, cache: Path, device: str, progress: bool) -> dict[str, float]:
-    """Generate the run's samples, then `eval all` on them; returns the two stages' times."""
-    from mage_bench.eval.runner import evaluate_all, reference_count
-    from mage_bench.runs import SAMPLES_DIR, load_run
-    from mage_bench.sampling import generate_images
-
-    run = load_run(run_dir, device)
-    num = spec.eval.num_samples or reference_count(run.config.data, spec.eval.real_split)
-    tic = time.perf_counter()
-    generate_images(run, num, run_dir / SAMPLES_DIR, progress=progress, device=device)
-    generated = time.perf_counter()
-    evaluate_all(run, num=num, extractor=spec.eval.extractor, backend=spec.eval.backend, weights=spec.eval.weights,
-                 split=spec.eval.real_split, cache_dir=cache, device=device, progress=progress, sweep=spec.name)
-    return {"generation_s": generated - tic, "evaluation_s": time.perf_counter() - generated}
-
-
-def _train_subprocess(plan: RunPlan, run_dir: Path, command: list[str]) -> None:
-    """Training through a launcher (torchrun): the resolved config goes through a file."""
-    import tempfile
-
-    from mage_bench.config import dump_yaml
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-        handle.write(dump_yaml(plan.config))
-    try:
-        subprocess.run([*command, "train", "--config", handle.name, "--out", str(run_dir), "--resume", "--quiet"],
-                       check=True)
-    finally:
-        Path(handle.name).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,39 +93,32 @@ def raw_pixel_features(data: Any, split: str) -> tuple[Any, Any]:
 def compute_references(ctx: SweepContext, plans: list[RunPlan]) -> None:
     """Raw pixels and real held-out images (records in _reference/*.json) and the untrained model
     (a run folder in _reference/untrained, evaluated like the runs). Each is computed once."""
-    from mage_bench.eval.generation import dataset_reference
-    from mage_bench.eval.runner import EVAL_ALL, EVALUATORS, evaluate_generation
+    import dataclasses
+
     from mage_bench.io import atomic_write_json, atomic_write_text
-    from mage_bench.results import ResultRecord, config_hash, write_records
-    from mage_bench.runs import DONE_FILE
     from mage_bench.train import save_initial_checkpoint
 
     spec, first = ctx.spec, plans[0].config
-    folder = ctx.runs_dir / REFERENCE
+    folder = ctx.runs_dir / REFERENCE_DIR
     folder.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
+    settings = dataclasses.replace(spec.eval, device=ctx.device)
     raw_file = folder / "raw-pixels.json"
     if not raw_file.is_file():
-        train_x, train_y = raw_pixel_features(first.data, "train")
-        test_x, test_y = raw_pixel_features(first.data, "test")
-        records = [ResultRecord(sweep=spec.name, run="reference-raw-pixels", evaluator=name, metric=metric,
-                                value=float(value), higher_is_better=better, n_samples=int(len(test_y)),
-                                dataset=first.data.name, split="test", feature_extractor="raw-pixels",
-                                seed=0, config_hash=config_hash(first.data), extra=extra)
-                   for name in EVAL_ALL
-                   for metric, value, better, extra in EVALUATORS.get(name)(train_x, train_y, test_x, test_y, 0)]
-        write_records(raw_file, records)
+        write_raw_pixel_records(raw_file, first, settings, spec.name)
     real_file = folder / "real-heldout.json"
     if not real_file.is_file():
         # The floor of the generation metrics: real images the model never saw, against the reference.
+        from mage_bench.eval.generation import evaluate_generation
+        from mage_bench.eval.image_sets import dataset_reference
+
         other = "test" if spec.eval.real_split == "train" else "train"
         heldout = dataset_reference(first.data, other, ctx.cache, ctx.progress).folder
-        records = evaluate_generation(heldout, first.data.name, ("fid", "isc", "kid"), extractor=spec.eval.extractor,
-                                      backend=spec.eval.backend, weights=spec.eval.weights,
-                                      split=spec.eval.real_split, cache_dir=ctx.cache, device=ctx.device,
-                                      progress=ctx.progress, sweep=spec.name)
-        atomic_write_json(real_file, [{**r, "run": f"reference-real-{other}"} for r in records])
-    untrained = folder / "untrained"
+        records = evaluate_generation(heldout, first.data.name, dataclasses.replace(settings, num_samples=None),
+                                      ("fid", "isc", "kid"), cache_dir=ctx.cache, progress=ctx.progress,
+                                      sweep=spec.name)
+        atomic_write_json(real_file, [{**r, "run": REAL_HELDOUT_RUN.format(split=other)} for r in records])
+    untrained = folder / UNTRAINED_RUN
     if not (untrained / DONE_FILE).is_file():
         save_initial_checkpoint(first, untrained)
         evaluate_run_folder(untrained, spec, ctx.cache, ctx.device, ctx.progress)
@@ -206,18 +126,34 @@ def compute_references(ctx: SweepContext, plans: list[RunPlan]) -> None:
     ctx.timings["references_s"] = time.perf_counter() - tic
 
 
+def write_raw_pixel_records(path: Path, config: Any, settings: Any, sweep: str) -> None:
+    """`eval all`'s representation evaluators on raw pixels instead of a model's features."""
+    from mage_bench.eval.runner import EVAL_ALL, EVALUATORS
+    from mage_bench.results import RecordContext, build_records, config_hash, write_records
+
+    train_x, train_y = raw_pixel_features(config.data, "train")
+    test_x, test_y = raw_pixel_features(config.data, "test")
+    records = []
+    for name in EVAL_ALL:
+        evaluator = EVALUATORS.get(name)
+        context = RecordContext(evaluator=name, run=RAW_PIXELS_RUN, dataset=config.data.name, split="test",
+                                feature_extractor="raw-pixels", n_samples=len(test_y), seed=0,
+                                config_hash=config_hash(config.data), sweep=sweep)
+        rows = evaluator.compute(train_x, train_y, test_x, test_y, 0, settings, settings.device)
+        records += build_records(context, evaluator.metrics, rows)
+    write_records(path, records)
+
+
 def densities(spec: SweepSpec, plans: list[RunPlan]) -> dict[str, dict[str, Any]]:
     """Each point's masking-ratio density on a grid (point masses as their location)."""
     import numpy as np
-
-    from mage_bench.mage.masking import create_masking
 
     grid = np.linspace(0.0, 1.0, 401)
     out = {}
     for plan in plans:
         if plan.point in out:
             continue
-        dist = create_masking(plan.config.masking.spec)
+        dist = plan.config.masking.distribution
         pdf = np.asarray(dist.pdf(grid), dtype=float)
         low, high = dist.support()
         out[plan.point] = {"spec": dist.spec(), "mean": float(dist.mean()), "x": grid.round(4).tolist(),
@@ -232,8 +168,6 @@ def densities(spec: SweepSpec, plans: list[RunPlan]) -> dict[str, dict[str, Any]
 
 def run_status(runs_dir: Path, plan: RunPlan) -> str:
     """done | failed | partial (step N) | todo, from what is on disk."""
-    from mage_bench.runs import CHECKPOINT_FILE, DONE_FILE
-
     folder = runs_dir / plan.name
     if (folder / DONE_FILE).is_file():
         return "done"
@@ -246,11 +180,14 @@ def run_status(runs_dir: Path, plan: RunPlan) -> str:
 
 def check_existing_runs(runs_dir: Path, plans: list[RunPlan], spec: SweepSpec) -> None:
     """A run folder made from another config (an edited spec) is never skipped or resumed silently."""
+    from mage_bench.results import path_config_hash
+
     for plan in plans:
         meta_path = runs_dir / plan.name / RUN_META
         if meta_path.is_file():
             stored = json.loads(meta_path.read_text()).get("config_hash")
-            if stored and stored != plan.meta(spec)["config_hash"]:
+            # Folders made before the tokenizer was hashed by content hold the path-based hash.
+            if stored and stored not in (plan.meta(spec)["config_hash"], path_config_hash(plan.config)):
                 raise UserError(f"{runs_dir / plan.name} was made from another config (the spec changed); "
                                 f"use another --runs folder or delete that run")
 
@@ -261,7 +198,7 @@ def dry_run_table(ctx: SweepContext, plans: list[RunPlan]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     pending = sum(run_status(ctx.runs_dir, p) != "done" for p in plans)
-    tokenizer = ctx.spec.tokenizer.path or str(ctx.runs_dir / SHARED / "tokenizer")
+    tokenizer = ctx.spec.tokenizer.path or str(ctx.runs_dir / SHARED_DIR / "tokenizer")
     from mage_bench.tokenizer import CARD_FILE
 
     if (Path(tokenizer) / CARD_FILE).is_file():
@@ -319,7 +256,6 @@ def run_sweep(name_or_path: str, preset: str | None = None, executor: str | None
     """Expand, run (skipping DONE runs, resuming interrupted ones), evaluate, report. Returns a summary."""
     import dataclasses
 
-    from mage_bench.executors import EXECUTORS
     from mage_bench.runs import resolve_device
 
     spec = load_spec(name_or_path, preset)
@@ -334,7 +270,7 @@ def run_sweep(name_or_path: str, preset: str | None = None, executor: str | None
     runs = Path(runs_dir) if runs_dir else Path("runs") / spec.name
     report = Path(report_dir) if report_dir else Path("reports") / spec.name
     ctx = SweepContext(spec, runs, report, progress, spec.eval.device)
-    tokenizer = spec.tokenizer.path or str(runs / SHARED / "tokenizer")
+    tokenizer = spec.tokenizer.path or str(runs / SHARED_DIR / "tokenizer")
     plans = expand(spec, tokenizer)
     ctx.differs = check_confounds(spec, plans)  # refuses an undeclared difference before anything runs
     check_existing_runs(runs, plans, spec)

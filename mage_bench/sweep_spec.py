@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mage_bench.config import from_dict, to_dict
+from mage_bench.config import EvalConfig, from_dict, to_dict
 from mage_bench.errors import ConfigError, UserError
 from mage_bench.io import slug
 
@@ -76,25 +76,6 @@ class TokenizerSource:
 
 
 @dataclass(frozen=True)
-class SweepEval:
-    num_samples: int | None = None  # generated images per run (default: the reference split's size)
-    extractor: str | None = None  # default: digits-cnn for digits, inception-v3 otherwise
-    weights: str | None = None
-    backend: str = "torch-fidelity"
-    real_split: str = "train"
-    device: str = "auto"
-    references: bool = True  # raw pixels, untrained model, real held-out images
-
-    def validate(self, path: str) -> None:
-        if self.num_samples is not None and self.num_samples < 2:
-            raise ConfigError(f"{path}.num_samples must be >= 2")
-        if self.real_split not in ("train", "test"):
-            raise ConfigError(f"{path}.real_split must be train or test")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"{path}.device must be auto, cpu or cuda")
-
-
-@dataclass(frozen=True)
 class SlurmOptions:
     cluster: str | None = None  # submitit's: None = detect (slurm when sbatch exists), "local", "debug"
     partition: str | None = None
@@ -123,7 +104,7 @@ class SweepSpec:
     seeds: tuple[int, ...] = (0,)
     run: dict[str, Any] = field(default_factory=dict)
     tokenizer: TokenizerSource = field(default_factory=TokenizerSource)
-    eval: SweepEval = field(default_factory=SweepEval)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # the evaluation settings, as on the CLI
     executor: ExecutorOptions = field(default_factory=ExecutorOptions)
 
     def validate(self, path: str) -> None:
