@@ -31,7 +31,7 @@ def test_official_layout_loads_strictly_and_round_trips(tmp_path):
     torch.save({"state_dict": state_dict}, source)  # the official file's layout
     card = import_official_vqgan(str(source), str(tmp_path / "models" / "vqgan"))
     assert card["source"]["layout"] == "state_dict" and card["source"]["sha256"] == sha256_file(source)
-    assert card["sha256"] == sha256_file(tmp_path / "models" / "vqgan" / "tokenizer.pt")
+    assert card["sha256"] == {"tokenizer": sha256_file(tmp_path / "models" / "vqgan" / "tokenizer.pt")}
     model = load_tokenizer(tmp_path / "models" / "vqgan")
     for key, value in model.state_dict().items():
         assert torch.equal(value, state_dict[key]), key

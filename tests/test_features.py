@@ -99,3 +99,24 @@ def test_cli_eval_linear_mae_protocol(run, capsys, protocol, name):
     assert read_records(run / "eval" / f"{name}.json") == records
     assert main(["eval", "knn", "--run", str(run), "--protocol", protocol]) == 2
     assert "applies to `eval linear` only" in capsys.readouterr().err
+
+
+def test_config_hash_names_the_tokenizer_by_content_not_path(tmp_path, tiny_tokenizer_dir):
+    """The same experiment in two folders hashes the same; other tokenizer weights hash differently."""
+    import dataclasses
+    import shutil
+
+    from mage_bench.results import path_config_hash
+
+    copies = [shutil.copytree(tiny_tokenizer_dir, tmp_path / name) for name in ("a", "b")]
+    base = RunConfig()
+    hashes = [config_hash(dataclasses.replace(base, tokenizer=str(c))) for c in copies]
+    assert hashes[0] == hashes[1]
+    assert path_config_hash(dataclasses.replace(base, tokenizer=str(copies[0]))) != \
+        path_config_hash(dataclasses.replace(base, tokenizer=str(copies[1])))
+    state = safe_torch_load(copies[1] / "tokenizer.pt")
+    state["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["state_dict"].items()}
+    other = tmp_path / "c"
+    other.mkdir()
+    atomic_torch_save(state, other / "tokenizer.pt")  # no card: the file itself is hashed
+    assert config_hash(dataclasses.replace(base, tokenizer=str(other))) != hashes[0]

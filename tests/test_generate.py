@@ -9,7 +9,7 @@ from mage_bench.config import RunConfig, resolve_config
 from mage_bench.errors import UserError
 from mage_bench.mage import create_model
 from mage_bench.mage.generate import decoding_noise, iterative_decode
-from mage_bench.sampling import generate_images, to_uint8
+from mage_bench.samples import generate_images, to_uint8
 from mage_bench.train import train
 
 

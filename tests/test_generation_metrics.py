@@ -17,8 +17,15 @@ from mage_bench.eval.extractors import (
     load_digits_cnn,
 )
 from mage_bench.eval.fid import frechet_distance
-from mage_bench.eval.generation import dataset_reference, scan_folder
-from mage_bench.eval.runner import evaluate_generation
+from mage_bench.eval.generation import evaluate_generation as _evaluate_generation
+from mage_bench.eval.image_sets import dataset_reference, scan_folder
+
+
+def evaluate_generation(fake, real, metrics=("fid",), cache_dir=None, **settings):
+    """The library call with its settings as an EvalConfig (what the CLI and sweeps build)."""
+    from mage_bench.config import EvalConfig
+
+    return _evaluate_generation(fake, real, EvalConfig(**settings), metrics, cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="session")
@@ -206,7 +213,8 @@ def test_eval_fid_cli_on_a_run_writes_records(tmp_path, tiny_run_layer, digits_c
     assert main(["eval", "fid", "--real", "digits", "--fake", str(tmp_path / "run"), "--num", "24", "--isc",
                  "--weights", str(weights), "--cache", str(cache)]) == 0
     human = capsys.readouterr().out
-    assert "FD (digits-cnn)" in human and "IS (digits-cnn)" in human and "FID" not in human
+    assert "FD (digits-cnn; not Inception)" in human and "IS (digits-cnn; not Inception)" in human
+    assert "FID" not in human
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,9 +5,9 @@ import torch
 
 from mage_bench.cli import main
 from mage_bench.errors import CheckpointError
+from mage_bench.import_mage import import_official_mage
 from mage_bench.io import safe_torch_load
 from mage_bench.mage import create_model
-from mage_bench.mage.checkpoint import import_official_mage
 from mage_bench.mage.masking import sample_token_masks
 from mage_bench.runs import load_run
 from mage_bench.tokenizer import create_tokenizer

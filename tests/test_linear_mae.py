@@ -107,10 +107,11 @@ def test_the_probe_trains_on_each_epochs_views_and_is_seeded(run, folder, monkey
 
 
 def test_records_keep_mae_and_mae_cached_apart(run, folder):
+    from mage_bench.config import EvalConfig
     from mage_bench.eval.runner import evaluate_run
 
-    options = {name: dict(epochs=2, batch_size=8) for name in ("linear-mae", "linear-mae-cached")}
-    written = evaluate_run(run, ["linear-mae", "linear-mae-cached"], data_name=folder.name, options=options)
+    settings = EvalConfig(probe_epochs=2, probe_batch_size=8)
+    written = evaluate_run(run, ["linear-mae", "linear-mae-cached"], settings, data_name=folder.name)
     for name, protocol, augment in (("linear-mae", "mae", AUGMENT_FOLDER), ("linear-mae-cached", "mae-cached", "none")):
         records = read_records(run / "eval" / f"{name}.json")
         assert records == written[name] and {r["metric"] for r in records} == {"top1", "top5"}

@@ -419,3 +419,37 @@ def test_report_renders_in_headless_chromium(tmp_path, tiny_tokenizer_dir, digit
     assert loaded == total >= 5  # figures and sample grids all decoded
     console = [line for line in result.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not console, console
+
+
+def test_existing_run_folders_are_matched_by_config_hash_old_or_new(tmp_path):
+    """A folder from another config is refused; one written before the tokenizer was hashed by content
+    (its meta holds the path-based hash) is still recognised."""
+    from mage_bench.results import path_config_hash
+    from mage_bench.runs import RUN_META
+    from mage_bench.sweep import check_existing_runs
+
+    spec = load_spec("masking")
+    plans = expand(spec, str(tmp_path / "tokenizer"))[:1]
+    meta = tmp_path / "runs" / plans[0].name / RUN_META
+    meta.parent.mkdir(parents=True)
+    for stored in (plans[0].meta(spec)["config_hash"], path_config_hash(plans[0].config)):
+        meta.write_text(json.dumps({"config_hash": stored}))
+        check_existing_runs(tmp_path / "runs", plans, spec)
+    meta.write_text(json.dumps({"config_hash": "0" * 64}))
+    with pytest.raises(UserError, match="made from another config"):
+        check_existing_runs(tmp_path / "runs", plans, spec)
+
+
+def test_a_reference_folder_published_twice_keeps_the_first(tmp_path):
+    """Runs sharing a cache reach the same FID reference together: the second publisher discards its copy."""
+    from mage_bench.io import atomic_folder
+
+    target = tmp_path / "reference"
+    for content in ("first", "second"):
+        with atomic_folder(target) as staging:
+            (staging / "a.txt").write_text(content)
+    assert (target / "a.txt").read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["reference"]
+    with pytest.raises(RuntimeError), atomic_folder(tmp_path / "broken") as staging:
+        (staging / "a.txt").write_text("half")
+        raise RuntimeError("killed")
+    assert not (tmp_path / "broken").exists() and [p.name for p in tmp_path.iterdir()] == ["reference"]
