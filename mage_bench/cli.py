@@ -124,12 +124,13 @@ def _eval_settings(args: argparse.Namespace) -> Any:
 
 def _record_line(r: dict[str, Any]) -> str:
     """One printed line per record, named as the evaluator declares the metric."""
+    from mage_bench.eval.generation import EVALUATOR as GENERATION
     from mage_bench.eval.runner import metric_of
 
     label = metric_of(r["evaluator"], r["metric"]).display({r["feature_extractor"]},
                                                             standard=r.get("standard_extractor", True))
     details = "".join(f" {k}={r[k]}" for k in ("k", "shots") if k in r)
-    spread = f" +- {r['std']:.4f}" if r.get("std") is not None and "n_real" in r else ""
+    spread = f" +- {r['std']:.4f}" if r.get("std") is not None and r["evaluator"] == GENERATION else ""
     return f"{r['evaluator']}: {label}{details}: {r['value']:.4f}{spread}"
 
 
