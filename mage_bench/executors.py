@@ -4,8 +4,10 @@
 - `torchrun`: each run's training as a multi-process DDP job on this node (torch.distributed.run,
   `executor.nproc_per_node` processes); generation and evaluation then run here.
 - `slurm`: each run a Slurm job through submitit (partition, GPUs, CPUs, memory, time from the spec's
-  `executor.slurm` or the CLI); `executor.slurm.cluster: local` runs the same path on this machine
-  with submitit's local executor (what the tests use).
+  `executor.slurm` or the CLI) with one task per GPU (`tasks_per_node`) on every node; the tasks join
+  one DDP process group from submitit's job environment, rank 0 writes and evaluates, and a preempted
+  or timed-out job is requeued and resumes from its checkpoint. `executor.slurm.cluster: local` runs
+  the same path on this machine with submitit's local executor (what the tests use).
 All of them call `run_job.execute_run`, which skips DONE runs and resumes interrupted ones.
 """
 
@@ -19,7 +21,7 @@ from typing import Any
 
 from mage_bench.errors import UserError
 from mage_bench.registry import Registry
-from mage_bench.run_job import execute_run
+from mage_bench.run_job import RunTask, execute_run
 from mage_bench.runs import DONE_FILE, SHARED_DIR
 
 
@@ -40,7 +42,12 @@ class SweepContext:
         return self.runs_dir / SHARED_DIR / "cache"
 
 
-Executor = Callable[[SweepContext, list[Any]], list[dict[str, Any]]]  # (context, plans) -> outcomes
+@dataclass(frozen=True)
+class Executor:
+    run: Callable[[SweepContext, list[Any]], list[dict[str, Any]]]  # (context, plans) -> outcomes, in order
+    processes: Callable[[Any], int]  # (spec.executor) -> the training processes of each run (DDP world size)
+
+
 EXECUTORS: Registry[Executor] = Registry("executor")
 
 
@@ -63,12 +70,10 @@ def _one_after_another(ctx: SweepContext, plans: list[Any],
     return outcomes
 
 
-@EXECUTORS.register("local")
 def run_local(ctx: SweepContext, plans: list[Any]) -> list[dict[str, Any]]:
     return _one_after_another(ctx, plans)
 
 
-@EXECUTORS.register("torchrun")
 def run_torchrun(ctx: SweepContext, plans: list[Any]) -> list[dict[str, Any]]:
     nproc = ctx.spec.executor.nproc_per_node
     if nproc < 1:
@@ -78,7 +83,6 @@ def run_torchrun(ctx: SweepContext, plans: list[Any]) -> list[dict[str, Any]]:
     return _one_after_another(ctx, plans, train_command=command)
 
 
-@EXECUTORS.register("slurm")
 def run_slurm(ctx: SweepContext, plans: list[Any]) -> list[dict[str, Any]]:
     try:
         import submitit
@@ -87,20 +91,25 @@ def run_slurm(ctx: SweepContext, plans: list[Any]) -> list[dict[str, Any]]:
     options = ctx.spec.executor.slurm
     executor = submitit.AutoExecutor(folder=str(ctx.runs_dir / SHARED_DIR / "submitit"), cluster=options.cluster)
     executor.update_parameters(name=f"mage-{ctx.spec.name}", timeout_min=options.timeout_min, mem_gb=options.mem_gb,
-                               gpus_per_node=options.gpus_per_node, cpus_per_task=options.cpus_per_task,
-                               nodes=options.nodes, slurm_partition=options.partition)
+                               gpus_per_node=options.gpus_per_node, tasks_per_node=options.tasks,
+                               cpus_per_task=options.cpus_per_task, nodes=options.nodes,
+                               slurm_partition=options.partition)
     todo = [plan for plan in plans if not (ctx.runs_dir / plan.name / DONE_FILE).is_file()]
     outcomes = {plan.name: {"run": plan.name, "status": "done", "skipped": True} for plan in plans if plan not in todo}
     # The device is chosen on the node that runs the job ("auto" there), not here.
-    jobs = [(plan, executor.submit(execute_run, plan, ctx.spec, ctx.runs_dir, ctx.spec.eval.device, False))
-            for plan in todo]
+    jobs = [(plan, executor.submit(RunTask(), plan, ctx.spec, ctx.runs_dir, ctx.spec.eval.device)) for plan in todo]
     with _bar(ctx, len(plans)) as bar:
         bar.update(len(outcomes))
         for plan, job in jobs:
             try:
-                outcomes[plan.name] = job.result()
-            except Exception as exc:  # the job itself died (timeout, preemption, node failure)
+                outcomes[plan.name] = job.results()[0]  # rank 0's: the task that writes and evaluates
+            except Exception as exc:  # the job itself died (a task failed, node failure, out of requeues)
                 detail = str(exc).splitlines()[0] if str(exc) else repr(exc)
                 outcomes[plan.name] = {"run": plan.name, "status": "failed", "error": f"slurm job {job.job_id}: {detail}"}
             bar.update(1)
     return [outcomes[plan.name] for plan in plans]  # in plan order, as the other executors
+
+
+EXECUTORS.register("local")(Executor(run_local, processes=lambda options: 1))
+EXECUTORS.register("torchrun")(Executor(run_torchrun, processes=lambda options: options.nproc_per_node))
+EXECUTORS.register("slurm")(Executor(run_slurm, processes=lambda options: options.slurm.nodes * options.slurm.tasks))

@@ -16,6 +16,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 EVAL_DIR = "eval"  # result records, one NAME.json per evaluator
 SAMPLES_DIR = "samples"
 DONE_FILE = "DONE"
+LAUNCH_FILE = "launch.json"  # how it was trained: processes (world size), batch per process, global batch, lr
 # ... in a sweep, also:
 RUN_META = "sweep-run.json"  # the run's sweep point, seed and config hash
 FAILED_FILE = "FAILED"

@@ -27,6 +27,7 @@ from mage_bench.runs import (
     CHECKPOINT_FILE,
     DONE_FILE,
     FAILED_FILE,
+    LAUNCH_FILE,
     RAW_PIXELS_RUN,
     REAL_HELDOUT_RUN,
     REFERENCE_DIR,
@@ -190,6 +191,20 @@ def check_existing_runs(runs_dir: Path, plans: list[RunPlan], spec: SweepSpec) -
             if stored and stored not in (plan.meta(spec)["config_hash"], path_config_hash(plan.config)):
                 raise UserError(f"{runs_dir / plan.name} was made from another config (the spec changed); "
                                 f"use another --runs folder or delete that run")
+        check_resumable_launch(runs_dir / plan.name, spec)
+
+
+def check_resumable_launch(run_dir: Path, spec: SweepSpec) -> None:
+    """A partly trained run resumes only with the processes it started with (global batch and lr)."""
+    launch = run_dir / LAUNCH_FILE
+    if (run_dir / DONE_FILE).is_file() or not (run_dir / CHECKPOINT_FILE).is_file() or not launch.is_file():
+        return
+    recorded = json.loads(launch.read_text()).get("world_size")
+    planned = EXECUTORS.get(spec.executor.name).processes(spec.executor)
+    if recorded != planned:
+        raise UserError(f"{run_dir} is partly trained with {recorded} processes, but the {spec.executor.name} "
+                        f"executor would resume it with {planned}: the global batch and lr would change mid-run; "
+                        f"resume it with {recorded} processes (executor settings), or delete it to start over")
 
 
 def dry_run_table(ctx: SweepContext, plans: list[RunPlan]) -> str:
@@ -205,10 +220,21 @@ def dry_run_table(ctx: SweepContext, plans: list[RunPlan]) -> str:
         tok_state = "exists"
     else:
         tok_state = "missing: import or train it first" if ctx.spec.tokenizer.path else "would be trained"
-    lines += ["", format_table(ctx.differs)]
+    lines += ["", format_table(ctx.differs), "", launch_line(ctx.spec, plans[0].config)]
     lines += ["", f"would execute: {pending} of {len(plans)} runs with the {ctx.spec.executor.name} executor; "
               f"tokenizer {tokenizer} ({tok_state}); report to {ctx.report_dir}"]
     return "\n".join(lines)
+
+
+def launch_line(spec: SweepSpec, config: Any) -> str:
+    """How each run trains: processes x batch per process = global batch, and the lr scaled from it."""
+    processes = EXECUTORS.get(spec.executor.name).processes(spec.executor)
+    slurm = spec.executor.slurm
+    how = f" ({slurm.nodes} nodes x {slurm.tasks} tasks)" if spec.executor.name == "slurm" else ""
+    batch, blr = config.train.batch_size, config.train.blr
+    return (f"each run trains on {processes} process{'es' if processes > 1 else ''}{how} x batch {batch} = "
+            f"global batch {processes * batch}; lr = blr {blr:g} x {processes * batch} / 256 = "
+            f"{blr * processes * batch / 256:.4g}")
 
 
 def write_sweep_file(ctx: SweepContext, plans: list[RunPlan], outcomes: list[dict[str, Any]]) -> None:
@@ -218,10 +244,11 @@ def write_sweep_file(ctx: SweepContext, plans: list[RunPlan], outcomes: list[dic
     for plan, outcome in zip(plans, outcomes, strict=True):
         if outcome["run"] != plan.name:
             raise RuntimeError(f"executor returned {outcome['run']} where {plan.name} was expected")
-        timing_path = ctx.runs_dir / plan.name / TIMING_FILE
+        timing_path, launch_path = (ctx.runs_dir / plan.name / name for name in (TIMING_FILE, LAUNCH_FILE))
         timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+        launch = json.loads(launch_path.read_text()) if launch_path.is_file() else None
         runs.append({**plan.meta(ctx.spec), "status": outcome["status"], "error": outcome.get("error"),
-                     "skipped": outcome.get("skipped", False), "timing": timing})
+                     "skipped": outcome.get("skipped", False), "timing": timing, "launch": launch})
     previous = ctx.runs_dir / SWEEP_FILE
     timings = dict(ctx.timings)
     if previous.is_file():  # a resumed sweep keeps the first measurement of its shared work
@@ -285,7 +312,7 @@ def run_sweep(name_or_path: str, preset: str | None = None, executor: str | None
     prepare_tokenizer(ctx)
     if spec.eval.references:
         compute_references(ctx, plans)
-    outcomes = run_executor(ctx, plans)
+    outcomes = run_executor.run(ctx, plans)
     # The breakdown of this invocation: shared work, then the per-run stages summed over runs done now.
     for stage in ("train_s", "generation_s", "evaluation_s"):
         ctx.timings[stage] = sum(o.get(stage, 0.0) for o in outcomes)

@@ -80,10 +80,24 @@ class SlurmOptions:
     cluster: str | None = None  # submitit's: None = detect (slurm when sbatch exists), "local", "debug"
     partition: str | None = None
     gpus_per_node: int = 1
+    # Training processes (Slurm tasks) per node: None = one per GPU, or one when no GPU is asked for.
+    # Every task of a job joins one DDP process group: a run trains on nodes x tasks_per_node processes.
+    tasks_per_node: int | None = None
     cpus_per_task: int = 8
     mem_gb: int = 64
     timeout_min: int = 24 * 60
     nodes: int = 1
+
+    def validate(self, path: str) -> None:
+        if self.nodes < 1 or self.gpus_per_node < 0 or (self.tasks_per_node is not None and self.tasks_per_node < 1):
+            raise ConfigError(f"{path}: nodes >= 1, gpus_per_node >= 0 and tasks_per_node >= 1 are required")
+
+    @property
+    def tasks(self) -> int:
+        """Tasks per node as launched."""
+        if self.tasks_per_node is not None:
+            return self.tasks_per_node
+        return self.gpus_per_node if self.gpus_per_node > 0 else 1
 
 
 @dataclass(frozen=True)

@@ -453,3 +453,83 @@ def test_a_reference_folder_published_twice_keeps_the_first(tmp_path):
         (staging / "a.txt").write_text("half")
         raise RuntimeError("killed")
     assert not (tmp_path / "broken").exists() and [p.name for p in tmp_path.iterdir()] == ["reference"]
+
+
+def test_slurm_tasks_train_one_ddp_run_equal_to_torchrun(tmp_path, tiny_tokenizer_dir, digits_cnn, monkeypatch):
+    """Two submitit tasks (local cluster, CPU, gloo) form one process group of 2 and train exactly what
+    torchrun's 2 processes train; rank 0 alone writes the log and the records; a job killed after a
+    checkpoint and submitted again resumes there."""
+    import torch
+
+    from mage_bench.io import safe_torch_load
+
+    # torchrun gives each process one OpenMP thread; the tasks get the same, so the sums match bitwise.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+    point = [{"label": "a", "value": "cosine:min=0.5,max=1.0"}]
+    slurm = {"name": "slurm", "slurm": {"cluster": "local", "timeout_min": 10, "gpus_per_node": 0, "tasks_per_node": 2}}
+    runs = {}
+    for name, executor in (("slurm", slurm), ("torchrun", {"name": "torchrun", "nproc_per_node": 2})):
+        (tmp_path / name).mkdir()
+        path = micro_spec(tmp_path / name, tiny_tokenizer_dir, digits_cnn, points=point, executor=executor)
+        assert main(["sweep", str(path), "--runs", str(tmp_path / name / "runs"), "--out",
+                     str(tmp_path / name / "report")]) == 0
+        runs[name] = next((tmp_path / name / "runs").glob("a-*-s0"))
+    for run in runs.values():
+        launch = json.loads((run / "launch.json").read_text())
+        assert (launch["world_size"], launch["global_batch"]) == (2, 32)
+        assert json.loads((run.parent / "sweep.json").read_text())["runs"][0]["launch"] == launch
+        steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, 7))  # one writer: each step logged once
+        assert sorted(p.name for p in (run / "eval").glob("*.json")) == ["fewshot.json", "fid.json", "knn.json",
+                                                                          "linear.json"]
+    a, b = (safe_torch_load(runs[name] / "checkpoint.pt")["model"] for name in ("slurm", "torchrun"))
+    assert all(torch.equal(a[key], b[key]) for key in a)  # the same DDP computation: bitwise equal
+
+    # A job killed after its checkpoint at step 3 (2 processes) and submitted again resumes there.
+    spec_path = tmp_path / "slurm" / "micro.yaml"
+    plan = expand(load_spec(str(spec_path)), str(tiny_tokenizer_dir))[0]
+    partial = tmp_path / "resumed" / plan.name
+    script = tmp_path / "partial.py"
+    script.write_text("import json, sys\nfrom mage_bench.config import RunConfig, from_dict\n"
+                      "from mage_bench.train import train\n"
+                      "train(from_dict(RunConfig, json.loads(sys.argv[1])), sys.argv[2], stop_at=3, progress=False)\n")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                    json.dumps(to_dict(plan.config)), str(partial)], check=True, timeout=300,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    before = (partial / "metrics.jsonl").read_text().splitlines()
+    assert len(before) == 3
+    assert main(["sweep", str(spec_path), "--runs", str(tmp_path / "resumed"), "--out", str(tmp_path / "r3")]) == 0
+    after = (partial / "metrics.jsonl").read_text().splitlines()
+    assert after[:3] == before and len(after) == 6  # the first three steps kept (their times too): resumed
+    c = safe_torch_load(partial / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[key], c[key]) for key in a)
+
+
+def test_a_resume_on_another_process_count_is_refused(tmp_path, tiny_tokenizer_dir, digits_cnn, tiny_run_layer):
+    """A run partly trained on 2 processes is not resumed on 1 (global batch and lr would change)."""
+    from mage_bench.config import RunConfig, resolve_config
+    from mage_bench.train import train
+
+    point = [{"label": "a", "value": "cosine:min=0.5,max=1.0"}]
+    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, points=point)
+    run_dir = expand(load_spec(str(path)), str(tiny_tokenizer_dir))[0]
+    run = tmp_path / "runs" / run_dir.name
+    train(run_dir.config, run, stop_at=2, progress=False)
+    launch = json.loads((run / "launch.json").read_text())
+    assert launch["world_size"] == 1
+    (run / "launch.json").write_text(json.dumps({**launch, "world_size": 2, "global_batch": 32}))
+    code = main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--dry-run"])
+    assert code == 2
+    with pytest.raises(UserError, match="trained with 2 processes .* resuming with 1"):
+        train(resolve_config(RunConfig, to_dict(run_dir.config)), run, resume=True, progress=False)
+
+
+def test_a_preempted_slurm_task_requeues_the_same_call():
+    from submitit.helpers import DelayedSubmission
+
+    from mage_bench.run_job import RunTask
+
+    requeued = RunTask().checkpoint("plan", "spec", "runs", "cpu")
+    assert isinstance(requeued, DelayedSubmission) and isinstance(requeued.function, RunTask)
+    assert requeued.args == ("plan", "spec", "runs", "cpu")
