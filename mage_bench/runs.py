@@ -35,6 +35,14 @@ REFERENCE_LABELS = {RAW_PIXELS_RUN: "reference: raw pixels", UNTRAINED_RUN: "ref
                     **{REAL_HELDOUT_RUN.format(split=s): "reference: real held-out images" for s in ("train", "test")}}
 
 
+def read_launch(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's LAUNCH_FILE (how it trains: processes, global batch, lr), or None before training wrote it."""
+    import json
+
+    path = Path(run_dir) / LAUNCH_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 @dataclass(frozen=True)
 class LoadedRun:
     config: Any  # RunConfig

@@ -27,7 +27,6 @@ from mage_bench.runs import (
     CHECKPOINT_FILE,
     DONE_FILE,
     FAILED_FILE,
-    LAUNCH_FILE,
     RAW_PIXELS_RUN,
     REAL_HELDOUT_RUN,
     REFERENCE_DIR,
@@ -36,6 +35,7 @@ from mage_bench.runs import (
     SWEEP_FILE,
     TIMING_FILE,
     UNTRAINED_RUN,
+    read_launch,
 )
 from mage_bench.sweep_spec import RunPlan, SweepSpec, check_parameter, expand, load_spec
 
@@ -196,10 +196,10 @@ def check_existing_runs(runs_dir: Path, plans: list[RunPlan], spec: SweepSpec) -
 
 def check_resumable_launch(run_dir: Path, spec: SweepSpec) -> None:
     """A partly trained run resumes only with the processes it started with (global batch and lr)."""
-    launch = run_dir / LAUNCH_FILE
-    if (run_dir / DONE_FILE).is_file() or not (run_dir / CHECKPOINT_FILE).is_file() or not launch.is_file():
+    launch = read_launch(run_dir)
+    if (run_dir / DONE_FILE).is_file() or not (run_dir / CHECKPOINT_FILE).is_file() or launch is None:
         return
-    recorded = json.loads(launch.read_text()).get("world_size")
+    recorded = launch.get("world_size")
     planned = EXECUTORS.get(spec.executor.name).processes(spec.executor)
     if recorded != planned:
         raise UserError(f"{run_dir} is partly trained with {recorded} processes, but the {spec.executor.name} "
@@ -228,13 +228,15 @@ def dry_run_table(ctx: SweepContext, plans: list[RunPlan]) -> str:
 
 def launch_line(spec: SweepSpec, config: Any) -> str:
     """How each run trains: processes x batch per process = global batch, and the lr scaled from it."""
+    from mage_bench.train import launch_record
+
     processes = EXECUTORS.get(spec.executor.name).processes(spec.executor)
+    launch = launch_record(config, processes)
     slurm = spec.executor.slurm
     how = f" ({slurm.nodes} nodes x {slurm.tasks} tasks)" if spec.executor.name == "slurm" else ""
-    batch, blr = config.train.batch_size, config.train.blr
-    return (f"each run trains on {processes} process{'es' if processes > 1 else ''}{how} x batch {batch} = "
-            f"global batch {processes * batch}; lr = blr {blr:g} x {processes * batch} / 256 = "
-            f"{blr * processes * batch / 256:.4g}")
+    return (f"each run trains on {processes} process{'es' if processes > 1 else ''}{how} x batch "
+            f"{launch['batch_per_process']} = global batch {launch['global_batch']}; lr = blr {config.train.blr:g} "
+            f"x {launch['global_batch']} / 256 = {launch['lr']:.4g}")
 
 
 def write_sweep_file(ctx: SweepContext, plans: list[RunPlan], outcomes: list[dict[str, Any]]) -> None:
@@ -244,11 +246,11 @@ def write_sweep_file(ctx: SweepContext, plans: list[RunPlan], outcomes: list[dic
     for plan, outcome in zip(plans, outcomes, strict=True):
         if outcome["run"] != plan.name:
             raise RuntimeError(f"executor returned {outcome['run']} where {plan.name} was expected")
-        timing_path, launch_path = (ctx.runs_dir / plan.name / name for name in (TIMING_FILE, LAUNCH_FILE))
+        timing_path = ctx.runs_dir / plan.name / TIMING_FILE
         timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
-        launch = json.loads(launch_path.read_text()) if launch_path.is_file() else None
         runs.append({**plan.meta(ctx.spec), "status": outcome["status"], "error": outcome.get("error"),
-                     "skipped": outcome.get("skipped", False), "timing": timing, "launch": launch})
+                     "skipped": outcome.get("skipped", False), "timing": timing,
+                     "launch": read_launch(ctx.runs_dir / plan.name)})
     previous = ctx.runs_dir / SWEEP_FILE
     timings = dict(ctx.timings)
     if previous.is_file():  # a resumed sweep keeps the first measurement of its shared work

@@ -18,7 +18,6 @@ The objective is `mage.objective`; the folder, resume, loop, log and checkpoints
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from mage_bench.io import atomic_torch_save, atomic_write_json, atomic_write_tex
 from mage_bench.mage import objective
 from mage_bench.mage.masking import batch_ratios, resolve_masking, sample_token_masks
 from mage_bench.mage.model import MAGE
-from mage_bench.runs import CHECKPOINT_FILE, CONFIG_FILE, LAUNCH_FILE
+from mage_bench.runs import CHECKPOINT_FILE, CONFIG_FILE, LAUNCH_FILE, read_launch
 from mage_bench.schedule import warmup_cosine
 from mage_bench.training import Cadence, TrainingFailed, TrainingFolder, run_steps
 
@@ -405,20 +404,20 @@ class WindowedSteps:
         return self.trainer.state(step, elapsed)
 
 
-def launch_record(config: RunConfig, runtime: Runtime) -> dict[str, Any]:
-    """How the run trains, beyond its config: the numbers depend on the process count through the
-    global batch and the lr scaled from it (written to RUN/launch.json, shown in the sweep's timings)."""
-    global_batch = config.train.batch_size * runtime.world
-    return {"world_size": runtime.world, "batch_per_process": config.train.batch_size, "global_batch": global_batch,
+def launch_record(config: RunConfig, world: int) -> dict[str, Any]:
+    """How the run trains on `world` processes, beyond its config: the numbers depend on the process
+    count through the global batch and the lr scaled from it (RUN/launch.json, each run's `launch` in
+    sweep.json, the sweep's dry run)."""
+    global_batch = config.train.batch_size * world
+    return {"world_size": world, "batch_per_process": config.train.batch_size, "global_batch": global_batch,
             "lr": config.train.blr * global_batch / 256}
 
 
 def check_same_launch(run: Path, launch: dict[str, Any]) -> None:
     """Resuming on another number of processes would change the recipe (global batch, lr) mid-run."""
-    path = run / LAUNCH_FILE
-    if not path.is_file():  # folders from before launch.json was written
+    recorded = read_launch(run)
+    if recorded is None:  # folders from before launch.json was written
         return
-    recorded = json.loads(path.read_text())
     if recorded.get("world_size") != launch["world_size"]:
         raise UserError(f"{run} trained with {recorded.get('world_size')} processes (global batch "
                         f"{recorded.get('global_batch')}); resuming with {launch['world_size']} (global batch "
@@ -437,7 +436,7 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, progress
     check_output_folder(run, run / CHECKPOINT_FILE, resume, "a run folder", "a checkpoint")
     config = resolve_run_config(config)
     runtime = setup_runtime(config)
-    launch = launch_record(config, runtime)
+    launch = launch_record(config, runtime.world)
     if resume and (run / CHECKPOINT_FILE).exists():
         check_same_launch(run, launch)
     trainer = Trainer(config, runtime)
