@@ -111,7 +111,7 @@ def _generation_flags(args: argparse.Namespace) -> tuple[str, ...]:
 # EvalConfig fields that are flags of `mage-bench eval` (the same name with dashes)
 EVAL_SETTING_FLAGS = ("num_samples", "real_split", "extractor", "weights", "backend", "device", "knn_ks",
                       "knn_temperature", "fewshot_shots", "fewshot_draws", "probe_epochs", "probe_batch_size",
-                      "probe_blr")
+                      "probe_blr", "batch_size")
 
 
 def _eval_settings(args: argparse.Namespace) -> Any:
@@ -316,6 +316,8 @@ def _add_eval_settings(p: argparse.ArgumentParser) -> None:
                                      "also $MAGE_BENCH_INCEPTION_WEIGHTS)")
     p.add_argument("--backend", help=f"torch-fidelity | clean-fid (default {d.backend})")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"default {d.device}")
+    p.add_argument("--batch-size", type=int,
+                   help="images per feature-extraction batch (default: 256 up to 128 px, 64 at 256 px)")
     p.add_argument("--knn-ks", type=int, nargs="+", metavar="K",
                    help=f"kNN: neighbour counts (default {' '.join(map(str, d.knn_ks))})")
     p.add_argument("--knn-temperature", type=float, help=f"kNN: vote temperature (default {d.knn_temperature})")

@@ -268,6 +268,9 @@ EVAL_DEVICES = ("auto", "cpu", "cuda")
 REAL_SPLITS = ("train", "test")
 
 
+FEATURE_PIXEL_BUDGET = 2 ** 22  # pixels per feature-extraction batch by default (`EvalConfig.feature_batch_size`)
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Every evaluation setting and its default, once. The CLI's evaluation flags are these names with
@@ -281,6 +284,9 @@ class EvalConfig:
     weights: str | None = None  # the extractor's weights file (else its own default place)
     backend: str = "torch-fidelity"  # torch-fidelity | clean-fid
     device: str = "auto"  # auto | cpu | cuda
+    # Images per batch through the run's tokenizer and encoder when extracting features; None: sized by
+    # the image size (`feature_batch_size`)
+    batch_size: int | None = None
     # kNN (DINO's weighted vote) and retrieval
     knn_ks: tuple[int, ...] = (10, 20, 100, 200)
     knn_temperature: float = 0.07
@@ -304,10 +310,18 @@ class EvalConfig:
         require(bool(self.fewshot_shots) and all(k >= 1 for k in self.fewshot_shots),
                 f"{path}.fewshot_shots must be integers >= 1")
         require(self.fewshot_draws >= 2, f"{path}.fewshot_draws must be >= 2 (a spread needs two draws)")
-        for name in ("probe_epochs", "probe_batch_size"):
+        for name in ("probe_epochs", "probe_batch_size", "batch_size"):
             value = getattr(self, name)
             require(value is None or value >= 1, f"{path}.{name} must be >= 1")
         require(self.probe_blr is None or self.probe_blr > 0, f"{path}.probe_blr must be > 0")
+
+    def feature_batch_size(self, image_size: int) -> int:
+        """Images per feature-extraction batch: the setting, else 256 up to 128 px and a budget of 2^22 pixels
+        above (64 images at 256 px). The VQGAN encoder's fp32 activations grow with the pixels (about 35 GB
+        for 256 images of 256 px, est.), so a fixed 256 would not fit a 32-40 GB GPU."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return max(1, min(256, FEATURE_PIXEL_BUDGET // (image_size * image_size)))
 
     def probe_schedule(self) -> dict[str, Any]:
         """The linear-probe head settings given (epochs, batch_size, blr), for `HeadSchedule`."""

@@ -13,7 +13,25 @@ class ConfigError(UserError):
 
 
 class DataError(UserError):
-    """A data set cannot be read as asked; the message names the file or folder."""
+    """A data set cannot be read as asked; the message names the file or folder.
+
+    Raised inside a DataLoader worker, torch re-raises it in the main process as
+    `DataError("Caught DataError in DataLoader worker process N.\nOriginal Traceback ...")`, and a
+    FAILED record or the CLI's one line would keep only "Caught DataError ...". The message is turned
+    back into the worker's own line (which names the file), with the worker's number after it.
+    """
+
+    def __init__(self, message: str = "", *args: object) -> None:
+        super().__init__(_unwrap_worker_message(message), *args)
+
+
+def _unwrap_worker_message(message: str) -> str:
+    first, _, rest = message.partition("\n")
+    if not (first.startswith("Caught DataError") and "DataLoader worker" in first):
+        return message
+    lines = [line for line in rest.splitlines() if line.strip()]
+    original = lines[-1].split("DataError: ", 1)[-1] if lines else first
+    return f"{original} (in {first.removeprefix('Caught DataError in ').rstrip('.')})"
 
 
 class CheckpointError(UserError):
