@@ -6,10 +6,16 @@ lr = blr * effective batch / 256, linear warmup then half-cycle cosine, gradient
 on GPU with fp32 attention logits. DDP when launched by torchrun (gloo on CPU, nccl on GPU).
 
 Exactness: one global batch order per epoch (a pure function of seed and epoch), sliced by rank;
-masking ratios, token orders and augmentations are drawn for the whole global batch from
-generators every process holds in the same state. So N steps straight == N/2 + resume N/2
-bitwise on CPU, and 2 processes x batch B match 1 process x batch 2B (dropout off, `masking.per: batch`;
-under the default per-process ratios each rank's rows get their own ratio, as officially).
+masking ratios and augmentations are drawn for the whole global batch from generators every process
+holds in the same state; each row's token order is a pure function of (seed, step, view, global row)
+(`masking.rank_token_masks`), drawn by each process for its own rows on its device. So N steps
+straight == N/2 + resume N/2 bitwise on CPU, and 2 processes x batch B match 1 process x batch 2B
+(dropout off, `masking.per: batch`; under the default per-process ratios each rank's rows get their
+own ratio, as officially).
+
+Host syncs: a step reads no value of a device tensor. The losses are summed on the device and read,
+reduced over processes and checked for non-finite values once per log record and before each
+checkpoint; the encoder's length comes from the config, not from the drop mask.
 
 The objective is `mage.objective`; the folder, resume, loop, log and checkpoints are the skeleton
 `mage_bench.training` shares with the tokenizer trainer.
@@ -18,6 +24,7 @@ The objective is `mage.objective`; the folder, resume, loop, log and checkpoints
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +40,11 @@ from mage_bench.data import create_dataset, is_in_memory
 from mage_bench.errors import ConfigError, UserError
 from mage_bench.io import atomic_torch_save, atomic_write_json, atomic_write_text, check_output_folder
 from mage_bench.mage import objective
-from mage_bench.mage.masking import batch_ratios, resolve_masking, sample_token_masks
+from mage_bench.mage.masking import batch_ratios, num_dropped, rank_token_masks, resolve_masking
 from mage_bench.mage.model import MAGE
 from mage_bench.runs import CHECKPOINT_FILE, CONFIG_FILE, LAUNCH_FILE, read_launch
 from mage_bench.schedule import warmup_cosine
-from mage_bench.training import Cadence, TrainingFailed, TrainingFolder, run_steps
+from mage_bench.training import Cadence, TrainingFailed, TrainingFolder, rng_state, run_steps, set_rng_state
 
 # `TrainingFailed` is defined in `training` (the tokenizer trainer raises it too); the CLI and sweeps
 # import it from here.
@@ -121,11 +128,17 @@ def setup_runtime(config: RunConfig) -> Runtime:
         torch.cuda.set_device(device)
     amp = config.train.amp
     if amp == "auto":
-        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if want_cuda else "off"
+        amp = ("bf16" if bf16_native() else "fp16") if want_cuda else "off"
     if amp != "off" and not want_cuda:
         raise ConfigError(f"train.amp: {amp} needs a GPU; CPU training runs in fp32 (use auto or off)")
     dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     return Runtime(rank, world, device, dtype)
+
+
+def bf16_native() -> bool:
+    """Whether the GPU computes bf16 in hardware: V100 and T4 only emulate it (slower than fp32), and
+    `is_bf16_supported()` says yes to emulation unless told otherwise."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,7 +159,8 @@ def random_affine(images: torch.Tensor, generator: torch.Generator, max_shift: f
 
 
 class MultiView:
-    """A folder data set whose items are `views` independent random transforms of one image."""
+    """A folder data set whose items are `views` independent random transforms of one image, decoded
+    once (MAGE-C's two views of a JPEG cost one decode) when the data set can hand out its decoded image."""
 
     def __init__(self, dataset: Any, views: int) -> None:
         self.dataset, self.views = dataset, views
@@ -155,7 +169,33 @@ class MultiView:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        if self.views > 1 and hasattr(self.dataset, "load"):
+            image, _ = self.dataset.load(index)
+            return tuple(self.dataset.transform(image) for _ in range(self.views))
         return tuple(self.dataset[index][0] for _ in range(self.views))
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This process's indices of one epoch from `position` batches on: torch's DistributedSampler order
+    (shuffled from the seed and the epoch), set before each pass. One DataLoader then serves every epoch,
+    so its workers persist instead of being forked again each epoch."""
+
+    def __init__(self, dataset: Any, world: int, rank: int, seed: int, batch: int, batches: int) -> None:
+        from torch.utils.data import DistributedSampler
+
+        self.order = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                        drop_last=True)
+        self.batch, self.batches, self.position = batch, batches, 0
+
+    def start(self, epoch: int, position: int) -> None:
+        self.order.set_epoch(epoch)
+        self.position = position
+
+    def __iter__(self):
+        return iter(list(self.order)[self.position * self.batch:self.batches * self.batch])
+
+    def __len__(self) -> int:
+        return (self.batches - self.position) * self.batch
 
 
 class TokenStream:
@@ -177,14 +217,19 @@ class TokenStream:
         self.epoch, self.position = 0, 0
         self.augment_generator = torch.Generator().manual_seed(config.seed * 7 + 3)
         self.cached_tokens = None
-        self._loader_iter = None
+        self._loader, self._loader_iter = None, None
         if config.train.augment == "none":  # no augmentation: tokenize the data set once
             images, _ = self.dataset.tensors()
             self.cached_tokens = torch.cat([self._tokenize(images[i:i + 512]) for i in range(0, len(images), 512)])
 
     @torch.no_grad()
     def _tokenize(self, images: torch.Tensor) -> torch.Tensor:
-        return self.tokenizer.encode(images.to(self.runtime.device)).flatten(1).cpu()  # (B, L)
+        """(B, L) tokens on the training device. The VQGAN encoder runs under the run's autocast (the
+        official pre-training tokenizes under fp16 autocast; in fp32 it costs about as much as ViT-B's
+        forward and backward); the nearest-code search stays fp32 (`VectorQuantizer.nearest`)."""
+        dev, amp = self.runtime.device, self.runtime.amp_dtype
+        with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return self.tokenizer.encode(images.to(dev, non_blocking=True)).flatten(1)
 
     def _order(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.epoch)
@@ -196,17 +241,18 @@ class TokenStream:
         return x[lo:lo + self.batch]
 
     def _folder_batch(self) -> tuple[torch.Tensor, ...]:
-        if self._loader_iter is None:
-            from torch.utils.data import DataLoader, DistributedSampler
+        if self._loader is None:
+            from torch.utils.data import DataLoader
 
-            sampler = DistributedSampler(self.dataset, num_replicas=self.runtime.world, rank=self.runtime.rank,
-                                         shuffle=True, seed=self.config.seed, drop_last=True)
-            sampler.set_epoch(self.epoch)
-            indices = list(sampler)[self.position * self.batch:self.batches_per_epoch * self.batch]
-            loader = DataLoader(MultiView(self.dataset, self.views), batch_size=self.batch, sampler=indices,
-                                num_workers=self.config.data.num_workers, drop_last=True,
-                                pin_memory=self.runtime.device.type == "cuda")
-            self._loader_iter = iter(loader)
+            self._sampler = EpochSampler(self.dataset, self.runtime.world, self.runtime.rank, self.config.seed,
+                                         self.batch, self.batches_per_epoch)
+            workers = self.config.data.num_workers
+            self._loader = DataLoader(MultiView(self.dataset, self.views), batch_size=self.batch,
+                                      sampler=self._sampler, num_workers=workers, drop_last=True,
+                                      pin_memory=self.runtime.device.type == "cuda", persistent_workers=workers > 0)
+        if self._loader_iter is None:
+            self._sampler.start(self.epoch, self.position)
+            self._loader_iter = iter(self._loader)
         return next(self._loader_iter)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -219,7 +265,7 @@ class TokenStream:
             order = self._order()[self.position * self.global_batch:(self.position + 1) * self.global_batch]
             self.position += 1
             if self.cached_tokens is not None:
-                return self.rank_slice(self.cached_tokens[order]), None
+                return self.rank_slice(self.cached_tokens[order.to(self.cached_tokens.device)]), None
             images, _ = self.dataset.tensors()
             views = [self.rank_slice(random_affine(images[order], self.augment_generator)) for _ in range(self.views)]
         tokens = [self._tokenize(v) for v in views]
@@ -245,7 +291,9 @@ class MageObjective(objective.MageObjective):
     def __init__(self, model: MAGE, config: RunConfig) -> None:
         c = config.contrastive
         super().__init__(model, label_smoothing=config.train.label_smoothing, contrastive_weight=c.weight,
-                         temperature=c.temperature, proj_hidden_dim=c.proj_hidden_dim, proj_dim=c.proj_dim)
+                         temperature=c.temperature, proj_hidden_dim=c.proj_hidden_dim, proj_dim=c.proj_dim,
+                         n_drop=None if config.masking.mask_ratio_min is None  # unresolved: read from the masks
+                         else num_dropped(config.model.num_tokens, config.masking.mask_ratio_min))
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -297,27 +345,28 @@ class Trainer:
                 self.objective, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
         self.objective.train()
 
-    def _masks(self, ratios: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
-        mask, drop = sample_token_masks(ratios, L, self.config.masking.mask_ratio_min, self.mask_generator)
-        return (self.stream.rank_slice(mask).to(self.runtime.device),
-                self.stream.rank_slice(drop).to(self.runtime.device))
+    def _masks(self, ratios: torch.Tensor, L: int, step: int, view: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's rows' masks, drawn on its device from (seed, step, view, global row)."""
+        rows = self.stream.rank_slice(ratios).to(self.runtime.device, non_blocking=True)
+        return rank_token_masks(rows, L, self.config.masking.mask_ratio_min, seed=self.config.seed, step=step,
+                                view=view, first_row=self.runtime.rank * self.stream.batch)
 
     def forward_backward(self, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Draw the step's batch and masks, compute the losses and gradients (DDP-averaged)."""
+        """Draw the step's batch and masks, compute the losses and gradients (DDP-averaged).
+
+        Nothing here waits for the device: non-finite losses are caught by `WindowedSteps` when it reads them."""
         dev = self.runtime.device
         tokens, tokens2 = self.stream.next()
         masking = self.config.masking
         ratios = batch_ratios(self.masking, self.stream.batch, masking.per, self.runtime.world, self.mask_generator)
         if masking.clamp_to_drop:  # draws below the drop share mask (at least) the dropped tokens
             ratios = ratios.clamp(min=masking.mask_ratio_min)
-        mask, drop = self._masks(ratios, tokens.shape[1])
+        mask, drop = self._masks(ratios, tokens.shape[1], step, view=0)
         # MAGE-C: the second view gets its own token order with the same ratios.
-        second = (tokens2.to(dev), *self._masks(ratios, tokens.shape[1])) if tokens2 is not None else None
+        second = (tokens2.to(dev), *self._masks(ratios, tokens.shape[1], step, view=1)) if tokens2 is not None else None
         with torch.autocast(dev.type, dtype=self.runtime.amp_dtype or torch.float32,
                             enabled=self.runtime.amp_dtype is not None):
             losses = self.wrapped(tokens.to(dev), mask, drop, second)
-        if not torch.isfinite(losses["loss"].detach()).all():
-            raise TrainingFailed(f"non-finite loss ({float(losses['loss'].detach())}) at step {step}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["loss"]).backward()
         return losses, ratios
@@ -332,21 +381,22 @@ class Trainer:
         self.scaler.update()
         return lr
 
-    def global_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Loss values averaged over processes (equal batches), for logging."""
-        keys = sorted(values)
-        stacked = torch.stack([values[k].detach().float() for k in keys])
+    def global_mean(self, sums: torch.Tensor, count: int) -> list[float]:
+        """Per-process sums (a device tensor) -> their mean over `count` steps and every process (equal
+        batches): one all-reduce and one read of the device, for a log record."""
+        totals = sums.detach().clone()
         if self.runtime.world > 1:
-            dist.all_reduce(stacked)
-            stacked /= self.runtime.world
-        return dict(zip(keys, stacked.tolist(), strict=True))
+            dist.all_reduce(totals)
+        return (totals / (count * self.runtime.world)).tolist()
 
     def state(self, step: int, elapsed: float) -> dict[str, Any] | None:
-        """The checkpoint (on rank 0; None elsewhere). Collective: every process must call it."""
-        rng_states = [torch.get_rng_state()]
+        """The checkpoint (on rank 0; None elsewhere). Collective: every process must call it.
+
+        `torch_rng` holds every process's random state, the CPU's and its GPU's (dropout draws on the GPU)."""
+        rng_states = [rng_state(self.runtime.device)]
         if self.runtime.world > 1:
             rng_states = [None] * self.runtime.world
-            dist.all_gather_object(rng_states, torch.get_rng_state())
+            dist.all_gather_object(rng_states, {k: v.cpu() for k, v in rng_state(self.runtime.device).items()})
         if not self.runtime.is_main:
             return None
         head = self.objective.head
@@ -368,39 +418,61 @@ class Trainer:
         self.stream.load(state["data"])
         self.mask_generator.set_state(state["mask_generator"])
         rng = state["torch_rng"]
-        torch.set_rng_state(rng[self.runtime.rank] if self.runtime.rank < len(rng) else rng[0])
+        set_rng_state(rng[self.runtime.rank] if self.runtime.rank < len(rng) else rng[0], self.runtime.device)
         return int(state["step"]), float(state["elapsed_s"])
 
 
 class WindowedSteps:
     """A `Trainer`'s steps for `training.run_steps`: each metrics.jsonl record holds the losses and mask
-    ratio averaged over the steps since the previous record, and the lr of the last one."""
+    ratio averaged over the steps since the previous record, and the lr of the last one.
+
+    The losses are summed on the device (fp64) and read once per record (and before each checkpoint),
+    reduced over processes: so every process sees the same values and a non-finite loss stops all of
+    them together, before a checkpoint could save its effects."""
 
     failure_hint = "lower train.blr or raise train.warmup_steps"
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
-        self.window: dict[str, float] = {}
-        self.window_steps, self.lr = 0, 0.0
+        self.keys: list[str] | None = None
+        self.sums: torch.Tensor | None = None  # [len(keys)] on the device
+        self.mask_ratio, self.window_steps, self.window_start, self.lr = 0.0, 0, 0, 0.0
 
     def train_step(self, step: int) -> None:
         losses, ratios = self.trainer.forward_backward(step)
         self.lr = self.trainer.optimizer_step(step)
-        for key, value in self.trainer.global_mean(losses).items():  # collective: every step, every process
-            self.window[key] = self.window.get(key, 0.0) + value
-        self.window["mask_ratio"] = self.window.get("mask_ratio", 0.0) + float(ratios.mean())
+        if self.keys is None:
+            self.keys = sorted(losses)
+        values = torch.stack([losses[k].detach().to(torch.float64) for k in self.keys])
+        if self.window_steps == 0:
+            self.sums, self.window_start = values, step
+        else:
+            self.sums = self.sums + values
+        self.mask_ratio += float(ratios.mean())  # the ratios live on the host
         self.window_steps += 1
 
+    def _window_means(self) -> dict[str, float]:
+        """The window's mean losses over every process; `TrainingFailed` if one is not finite. Collective."""
+        means = dict(zip(self.keys, self.trainer.global_mean(self.sums, self.window_steps), strict=True))
+        if not all(math.isfinite(v) for v in means.values()):
+            last = self.window_start + self.window_steps - 1
+            where = f"at step {last}" if last == self.window_start else f"between steps {self.window_start} and {last}"
+            raise TrainingFailed(f"non-finite loss ({means['loss']}) {where}")
+        return means
+
     def log_record(self, step: int, time_s: float) -> dict[str, Any]:
-        record = {"step": step, "epoch": self.trainer.stream.epoch, "lr": self.lr,
-                  **{k: v / self.window_steps for k, v in self.window.items()}, "time_s": round(time_s, 3)}
-        self.window, self.window_steps = {}, 0
+        means = self._window_means() if self.window_steps else {}
+        record = {"step": step, "epoch": self.trainer.stream.epoch, "lr": self.lr, **means,
+                  "mask_ratio": self.mask_ratio / max(self.window_steps, 1), "time_s": round(time_s, 3)}
+        self.sums, self.mask_ratio, self.window_steps = None, 0.0, 0
         return record
 
     def postfix(self, record: dict[str, Any]) -> dict[str, str]:
         return {"loss": f"{record['loss']:.3f}"}
 
     def state(self, step: int, elapsed: float) -> dict[str, Any] | None:
+        if self.window_steps:  # steps since the last record: never checkpoint a non-finite state
+            self._window_means()
         return self.trainer.state(step, elapsed)
 
 

@@ -28,6 +28,29 @@ from mage_bench.io import atomic_torch_save, atomic_write_text, rewind_jsonl, sa
 from mage_bench.runs import CONFIG_FILE, METRICS_FILE
 
 
+def rng_state(device: Any) -> dict[str, Any]:
+    """This process's global random state: the CPU's and, on a GPU, that device's (dropout and other
+    random ops on the GPU draw from it, so a resumed run must not replay it from the start)."""
+    import torch
+
+    state = {"cpu": torch.get_rng_state()}
+    if getattr(device, "type", device) == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: Any, device: Any) -> None:
+    """Restore a `rng_state` (or, from checkpoints before device states were saved, a CPU state tensor)."""
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state["cpu"])
+    if getattr(device, "type", device) == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 class TrainingFailed(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message names the last good checkpoint."""
 
@@ -38,7 +61,8 @@ class Steps(Protocol):
     failure_hint: str  # what to change after a `TrainingFailed`, e.g. "lower train.lr"
 
     def train_step(self, step: int) -> None:
-        """Optimisation step `step` (counted from 0); a non-finite loss raises `TrainingFailed`."""
+        """Optimisation step `step` (counted from 0); a non-finite loss raises `TrainingFailed` (here, or
+        from `log_record`/`state` when the step's losses are read later)."""
 
     def log_record(self, step: int, time_s: float) -> dict[str, Any]:
         """The metrics.jsonl record after `step` steps, `time_s` seconds of training in."""
@@ -119,7 +143,7 @@ def run_steps(steps: Steps, folder: TrainingFolder, cadence: Cadence, start: tup
     tic = time.perf_counter()
     try:
         while step < cadence.steps and (stop_at is None or step < stop_at):
-            _checked_step(steps, step, folder)
+            steps.train_step(step)
             step += 1
             bar.update(1)
             if cadence.logs_at(step):
@@ -134,16 +158,10 @@ def run_steps(steps: Steps, folder: TrainingFolder, cadence: Cadence, start: tup
                 state = steps.state(step, elapsed)  # collective under DDP: every process asks
                 if state is not None:
                     atomic_torch_save(state, folder.state_path)
+    except TrainingFailed as exc:  # from a step, or from reading a window's losses: name what to resume from
+        raise type(exc)(f"{exc}; the last good checkpoint is {folder.last_good()}; {steps.failure_hint}") from None
     finally:
         bar.close()
         if log:
             log.close()
     return step, elapsed
-
-
-def _checked_step(steps: Steps, step: int, folder: TrainingFolder) -> None:
-    """`steps.train_step(step)`; a failure is raised again (same type) naming what to resume from."""
-    try:
-        steps.train_step(step)
-    except TrainingFailed as exc:
-        raise type(exc)(f"{exc}; the last good checkpoint is {folder.last_good()}; {steps.failure_hint}") from None

@@ -27,7 +27,7 @@ trainer = Trainer(config, runtime)
 losses, ratios = [], []
 for step in range(2):
     values, step_ratios = trainer.forward_backward(step)
-    losses.append(trainer.global_mean(values)["loss"])
+    losses.append(trainer.global_mean(values["loss"].detach().double()[None], 1)[0])
     ratios.append(trainer.stream.rank_slice(step_ratios))  # this rank's rows
     if step == 0:
         grads = {n: p.grad.clone() for n, p in trainer.objective.named_parameters() if p.grad is not None}

@@ -111,7 +111,14 @@ def test_contrastive_loss_decreases_on_a_toy_batch(tiny_model_overrides):
     assert history[-1] < 0.5 * history[0]
 
 
-def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, tiny_run_layer, monkeypatch):
+@pytest.mark.parametrize("cadence, message", [
+    ({}, r"non-finite loss \(nan\) at step 4; the last good checkpoint is .*checkpoint.pt"),
+    # The losses are read once per record: a checkpoint between records reads them first, so the
+    # state after the bad step is never saved.
+    ({"steps": 8, "log_every": 4, "checkpoint_every": 3},
+     r"non-finite loss \(nan\) between steps 4 and 5; the last good checkpoint is .*checkpoint.pt"),
+])
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, tiny_run_layer, monkeypatch, cadence, message):
     from mage_bench.mage import objective as objective_module
 
     calls = {"n": 0}
@@ -123,8 +130,9 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, tiny_run_
         return loss * float("nan") if calls["n"] == 5 else loss
 
     monkeypatch.setattr(objective_module, "mage_loss", poisoned)
-    with pytest.raises(TrainingFailed, match=r"non-finite loss \(nan\) at step 4; the last good checkpoint is .*checkpoint.pt"):
-        train(_config(tiny_run_layer), tmp_path / "run", progress=False)
+    layer = {**tiny_run_layer, "train": {**tiny_run_layer["train"], **cadence}}
+    with pytest.raises(TrainingFailed, match=message):
+        train(_config(layer), tmp_path / "run", progress=False)
     assert safe_torch_load(tmp_path / "run" / "checkpoint.pt")["step"] == 3
 
 

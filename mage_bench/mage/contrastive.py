@@ -55,6 +55,13 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Te
     z1, z2: (B, d) this process's projections of the two views. Returns the mean over this
     process's 2B rows; DDP's gradient averaging then gives the mean over all rows of all processes.
     """
+    # The similarities in fp32 with autocast off: under autocast the matmul would run in bf16/fp16
+    # whatever its inputs' dtype, and exp(s / 0.2) magnifies rounding.
+    with torch.autocast(device_type=z1.device.type, enabled=False):
+        return _info_nce_fp32(z1.float(), z2.float(), temperature)
+
+
+def _info_nce_fp32(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     local = z1.shape[0]
     z1, offset = _gather_with_grad(F.normalize(z1.float(), dim=1))
     z2, _ = _gather_with_grad(F.normalize(z2.float(), dim=1))

@@ -290,6 +290,24 @@ def realised_mean(distribution: MaskingDistribution, floor: float = 0.0, grid: i
     return float(np.maximum(ratios, floor).mean())
 
 
+def masks_from_keys(keys: torch.Tensor, n_mask: torch.Tensor, n_drop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """keys [B, L] (distinct within a row) order each row's positions; the `n_drop` lowest are dropped and
+    the `n_mask[b]` lowest masked. One argsort and a scatter (no second argsort for the ranks): position p
+    is among the lowest n exactly when its rank is below n."""
+    order = keys.argsort(dim=1)  # [B, L], positions from the lowest key up
+    slots = torch.arange(keys.shape[1], device=keys.device)
+    mask = torch.empty(keys.shape, dtype=torch.bool, device=keys.device)
+    drop = torch.empty_like(mask)
+    mask.scatter_(1, order, (slots < n_mask[:, None]).expand_as(order))
+    drop.scatter_(1, order, (slots < n_drop).expand_as(order))
+    return mask, drop
+
+
+def _mask_counts(ratios: torch.Tensor, seq_len: int, n_drop: int) -> torch.Tensor:
+    """ceil(L * ratio) masked tokens per row (at least the dropped ones and one), long[B]."""
+    return torch.ceil(ratios.double() * seq_len - 1e-9).long().clamp(min=max(n_drop, 1), max=seq_len)
+
+
 def sample_token_masks(ratios: torch.Tensor, seq_len: int, mask_ratio_min: float,
                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row random token order; the lowest-ranked are dropped, a longer prefix is masked.
@@ -297,15 +315,55 @@ def sample_token_masks(ratios: torch.Tensor, seq_len: int, mask_ratio_min: float
     ratios: float[B] (one per row; repeat one value for the official per-batch draw).
     Returns (mask bool[B, L], drop bool[B, L]) with drop ⊂ mask, every row dropping the same
     number ceil(L * mask_ratio_min) and masking ceil(L * ratio) (at least one) tokens.
+    Training draws its masks with `rank_token_masks` instead (per process, on its device).
     """
-    n = ratios.shape[0]
     n_drop = num_dropped(seq_len, mask_ratio_min)
-    n_mask = torch.ceil(ratios.double() * seq_len - 1e-9).long().clamp(min=max(n_drop, 1), max=seq_len)  # [B]
-    noise = torch.rand(n, seq_len, generator=generator)  # [B, L]
-    rank = noise.argsort(dim=1).argsort(dim=1)  # rank of each position: ties impossible, unlike cut-offs
-    drop = rank < n_drop
-    mask = rank < n_mask[:, None]
-    return mask, drop
+    noise = torch.rand(ratios.shape[0], seq_len, generator=generator)  # [B, L]; ties are impossible in practice
+    return masks_from_keys(noise, _mask_counts(ratios, seq_len, n_drop), n_drop)
+
+
+# A counter-based random order: each (seed, step, view, row, position) hashes to a 32-bit key through
+# murmur3's finaliser (a bijection of 32-bit integers), computed with exact integer arithmetic. So a row's
+# order depends on its global index only: a process draws just its own rows, on its own device (CPU
+# and GPU give the same bits), and the masks do not change with the number of processes.
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x * c mod 2^32 for 0 <= x < 2^32, in 16-bit halves so no int64 product overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def hashed_keys(seed: int, step: int, view: int, rows: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """int64 [len(rows), seq_len] keys in [0, 2^32), distinct within a row, a pure function of the arguments
+    and the global row indices `rows` (long, on the device the keys are wanted on)."""
+    key = rows.long() & _M32
+    for part in (view, step, seed >> 32, seed):  # each part folded in through the bijection
+        key = _mix32(key ^ (part & _M32))
+    positions = _mix32(torch.arange(seq_len, device=rows.device, dtype=torch.long) + 0x9E3779B9 & _M32)
+    return _mix32(key[:, None] ^ positions[None, :])  # distinct positions stay distinct
+
+
+def rank_token_masks(ratios: torch.Tensor, seq_len: int, mask_ratio_min: float, *, seed: int, step: int,
+                     view: int, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_token_masks` for one process's rows of a global batch, drawn on `ratios.device`.
+
+    ratios: float[B] of this process's rows, whose global indices are first_row .. first_row + B - 1.
+    The order of row r at `step` (and MAGE-C `view`) is the same whatever the number of processes, and
+    drawing costs B rows, not the global batch: no host work, no transfer, no host sync.
+    """
+    n_drop = num_dropped(seq_len, mask_ratio_min)
+    rows = torch.arange(first_row, first_row + ratios.shape[0], device=ratios.device)
+    keys = hashed_keys(seed, step, view, rows, seq_len)
+    return masks_from_keys(keys, _mask_counts(ratios, seq_len, n_drop), n_drop)
 
 
 def batch_ratios(distribution: MaskingDistribution, batch_size: int, per: str, world: int,

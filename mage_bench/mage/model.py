@@ -94,7 +94,11 @@ class MlmLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, 1, vocab_size))
 
     def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
-        return self.ln(F.gelu(self.fc(x))) @ word_embeddings.t() + self.bias  # (B, N, vocab)
+        hidden = self.ln(F.gelu(self.fc(x)))
+        # The logits of a vocab-wide softmax in fp32, autocast off: the official matmul runs under fp16
+        # autocast (10 mantissa bits); under bf16 (7 bits) they would be coarser than the official ones.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return hidden.float() @ word_embeddings.float().t() + self.bias.float()  # (B, N, vocab)
 
 
 class MAGE(nn.Module):
@@ -156,11 +160,19 @@ class MAGE(nn.Module):
         cls = torch.full_like(ids[:, :1], self.fake_class_label)
         return self.token_emb(torch.cat([cls, ids], dim=1))
 
-    def forward_encoder(self, x: torch.Tensor, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, 1 + L, D), drop bool[B, L] -> (latent (B, 1 + L - n_drop, D), kept positions long[B, 1 + L - n_drop])."""
+    def forward_encoder(self, x: torch.Tensor, drop: torch.Tensor,
+                        n_drop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, 1 + L, D), drop bool[B, L] -> (latent (B, 1 + L - n_drop, D), kept positions long[B, 1 + L - n_drop]).
+
+        `n_drop`, the tokens every row drops, is read from `drop` when not given (a host sync: training
+        passes it, since it is fixed by the run's config)."""
         B, N, D = x.shape
+        if n_drop is None:
+            n_drop = int(drop[0].sum()) if B else 0
         keep = F.pad(~drop, (1, 0), value=True)  # (B, 1 + L); the class token is never dropped
-        kept = keep.nonzero()[:, 1].view(B, -1)  # positions in order: the reshape needs equal counts
+        # The kept positions in increasing order: a stable sort puts every kept position (1) before the
+        # dropped ones (0) in their own order; its shape is known on the host, unlike `nonzero`'s.
+        kept = keep.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :N - n_drop]
         x = x.gather(1, kept[..., None].expand(-1, -1, D))
         for block in self.blocks:
             x = block(x)
@@ -183,22 +195,24 @@ class MAGE(nn.Module):
         """tokens long[B, L], mask/drop bool[B, L] (drop ⊂ mask, equal drop count per row) -> logits (B, 1 + L, vocab)."""
         return self.forward_with_latent(tokens, mask, drop)[0]
 
-    def forward_with_latent(self, tokens: torch.Tensor, mask: torch.Tensor,
-                            drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_latent(self, tokens: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor,
+                            n_drop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward`'s logits (B, 1 + L, vocab) and the encoder output (B, 1 + L - n_drop, D) they were
-        decoded from: the training objective scores the one and MAGE-C pools the other."""
-        latent, kept = self._encode(tokens, mask, drop)
+        decoded from: the training objective scores the one and MAGE-C pools the other. `n_drop`: the
+        tokens every row drops, when the caller knows it (else read from `drop`)."""
+        latent, kept = self._encode(tokens, mask, drop, n_drop)
         return self.forward_decoder(latent, kept, mask), latent
 
-    def encode_masked(self, tokens: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    def encode_masked(self, tokens: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor,
+                      n_drop: int | None = None) -> torch.Tensor:
         """Encoder output (B, 1 + L - n_drop, D) of a masked view; MAGE-C pools it."""
-        return self._encode(tokens, mask, drop)[0]
+        return self._encode(tokens, mask, drop, n_drop)[0]
 
-    def _encode(self, tokens: torch.Tensor, mask: torch.Tensor,
-                drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, tokens: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor,
+                n_drop: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Checked inputs through `embed_tokens` and `forward_encoder`: (latent, kept positions)."""
-        self._check(tokens, mask, drop)
-        return self.forward_encoder(self.embed_tokens(tokens, mask), drop)
+        self._check(tokens, mask, drop, n_drop)
+        return self.forward_encoder(self.embed_tokens(tokens, mask), drop, n_drop)
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Probe feature, nothing masked: mean of last-block tokens 1..L (no final norm), then a
@@ -208,16 +222,29 @@ class MAGE(nn.Module):
             x = block(x)
         return F.layer_norm(x[:, 1:].mean(dim=1), (x.shape[-1],), eps=1e-6)  # (B, D)
 
-    def _check(self, tokens: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor) -> None:
+    def _check(self, tokens: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor, n_drop: int | None) -> None:
         if tokens.shape[1] != self.config.num_tokens:
             raise ValueError(f"expected {self.config.num_tokens} tokens per image, got {tokens.shape[1]}")
         if mask.shape != tokens.shape or drop.shape != tokens.shape:
             raise ValueError("tokens, mask and drop must share one shape [B, L]")
-        if bool((drop & ~mask).any()):
-            raise ValueError("drop must be a subset of mask")
+        if tokens.shape[0] == 0:
+            return
         counts = drop.sum(1)
-        if bool((counts != counts[0]).any()):
-            raise ValueError("every row must drop the same number of tokens (a fixed encoder length)")
+        expected = counts[0] if n_drop is None else n_drop
+        _check_values((drop & ~mask).any().logical_not(), "drop must be a subset of mask")
+        _check_values((counts == expected).all(),
+                      "every row must drop the same number of tokens (a fixed encoder length)"
+                      + ("" if n_drop is None else f", here {n_drop}"))
+
+
+def _check_values(condition: torch.Tensor, message: str) -> None:
+    """Raise ValueError(message) unless the 0-d bool tensor `condition` holds, without the host waiting
+    for the device: `torch._assert_async` checks on the device (a GPU fails the step with a device-side
+    assert) and raises at once on the CPU."""
+    try:
+        torch._assert_async(condition, message)
+    except RuntimeError as exc:
+        raise ValueError(message) from exc
 
 
 def mage_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, codebook_size: int,

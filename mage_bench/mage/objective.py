@@ -20,12 +20,15 @@ class MageObjective(nn.Module):
     (`contrastive_weight > 0`): plus `contrastive_weight` times InfoNCE between the pooled encoder
     outputs of the two views, each through a projection head (`proj_hidden_dim` wide, None: the encoder
     width; `proj_dim` out). The settings' defaults live in the run config (`train`, `contrastive`).
+    `n_drop`: the tokens every row drops, when fixed (training: by `masking.mask_ratio_min`), so the
+    encoder knows its length without reading it from the drop mask (a host sync per view).
     """
 
     def __init__(self, model: MAGE, *, label_smoothing: float, contrastive_weight: float, temperature: float,
-                 proj_hidden_dim: int | None, proj_dim: int) -> None:
+                 proj_hidden_dim: int | None, proj_dim: int, n_drop: int | None = None) -> None:
         super().__init__()
         self.model = model  # registered before the head: the optimizer's parameter order depends on it
+        self.n_drop = n_drop
         self.label_smoothing = label_smoothing
         self.contrastive_weight, self.temperature = contrastive_weight, temperature
         dim = model.config.embed_dim
@@ -34,11 +37,11 @@ class MageObjective(nn.Module):
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor,
                 second: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """tokens long[B, L], mask/drop bool[B, L]; `second`: MAGE-C's other view as (tokens, mask, drop)."""
-        logits, latent = self.model.forward_with_latent(tokens, mask, drop)
+        logits, latent = self.model.forward_with_latent(tokens, mask, drop, self.n_drop)
         recon = mage_loss(logits, tokens, mask, self.model.codebook_size, self.label_smoothing)
         out = {"loss": recon, "loss_recon": recon}
         if self.head is not None and second is not None:
-            latent2 = self.model.encode_masked(*second)
+            latent2 = self.model.encode_masked(*second, n_drop=self.n_drop)
             con = info_nce(self.head(pool_encoder_output(latent)), self.head(pool_encoder_output(latent2)),
                            self.temperature)
             out["loss"] = recon + self.contrastive_weight * con

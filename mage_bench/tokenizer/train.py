@@ -27,7 +27,7 @@ from mage_bench.io import atomic_torch_save, check_output_folder, git_commit, pa
 from mage_bench.schedule import warmup_cosine
 from mage_bench.tokenizer import WEIGHTS_FILE, tokenizer_payload
 from mage_bench.tokenizer.vqgan import VQGAN
-from mage_bench.training import Cadence, TrainingFailed, TrainingFolder, run_steps
+from mage_bench.training import Cadence, TrainingFailed, TrainingFolder, rng_state, run_steps, set_rng_state
 
 STATE_FILE = "train_state.pt"
 
@@ -200,22 +200,23 @@ class TokenizerSteps:
 
     failure_hint = "lower train.lr"
 
-    def __init__(self, config: TokenizerJobConfig) -> None:
+    def __init__(self, config: TokenizerJobConfig, device: str = "cpu") -> None:
         from mage_bench.data import create_dataset
 
         self.config, tcfg = config, config.train
+        self.device = torch.device(device)
         torch.manual_seed(config.seed)
-        self.model = VQGAN(config.tokenizer)
+        self.model = VQGAN(config.tokenizer).to(self.device)
         self.model.quantize.beta = tcfg.commitment_beta
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tcfg.lr, betas=tcfg.betas)
         self.disc = self.disc_opt = None
         if tcfg.gan_weight > 0:
-            self.disc = PatchDiscriminator(config.tokenizer.in_channels)
+            self.disc = PatchDiscriminator(config.tokenizer.in_channels).to(self.device)
             self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=tcfg.disc_lr, betas=(0.5, 0.9))
         self.train_set = create_dataset(config.data, "train")
         self.stream = BatchStream(self.train_set, tcfg.batch_size, config.seed, config.data.num_workers)
         self.generator = torch.Generator().manual_seed(config.seed + 17)  # k-means and code restarts
-        self.usage = torch.zeros(config.tokenizer.n_embed, dtype=torch.long)
+        self.usage = torch.zeros(config.tokenizer.n_embed, dtype=torch.long, device=self.device)
         self.batches: Any = None
         self.last: dict[str, Any] = {}  # the latest step's losses, lr and restarts
 
@@ -228,8 +229,8 @@ class TokenizerSteps:
             self.disc_opt.load_state_dict(state["disc_optimizer"])
         self.stream.load(state["stream"])
         self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        self.usage = state["usage"]
+        set_rng_state(state["torch_rng"], self.device)
+        self.usage = state["usage"].to(self.device)
         return int(state["step"]), float(state["elapsed_s"])
 
     def state(self, step: int, elapsed: float) -> dict[str, Any]:
@@ -239,7 +240,7 @@ class TokenizerSteps:
             "config": to_dict(self.config), "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "disc": disc.state_dict() if disc else None,
             "disc_optimizer": disc_opt.state_dict() if disc_opt else None, "stream": self.stream.state(),
-            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(), "usage": self.usage,
+            "generator": self.generator.get_state(), "torch_rng": rng_state(self.device), "usage": self.usage,
             "step": step, "elapsed_s": elapsed,
         }
 
@@ -248,18 +249,21 @@ class TokenizerSteps:
         self.batches = iter(self.stream)
         if step == 0 and self.config.train.codebook_init == "kmeans":
             with torch.no_grad():  # k-means over the initial encoder's outputs on a few batches
-                sample = torch.cat([latent_vectors(self.model._latent(next(self.batches))) for _ in range(4)])
+                sample = torch.cat([latent_vectors(self.model._latent(self._next_batch())) for _ in range(4)])
                 self.model.quantize.embedding.weight.copy_(kmeans(sample, self.config.tokenizer.n_embed,
                                                                   self.generator))
             self.stream.load({"epoch": 0, "batch": 0})  # those batches are trained on from the start
             self.batches = iter(self.stream)
         self.model.train()
 
+    def _next_batch(self) -> torch.Tensor:
+        return next(self.batches).to(self.device, non_blocking=True)
+
     def train_step(self, step: int) -> None:
         tcfg = self.config.train
-        x = next(self.batches)
+        x = self._next_batch()
         if tcfg.hflip:
-            flip = torch.rand(x.shape[0]) < 0.5
+            flip = (torch.rand(x.shape[0]) < 0.5).to(self.device)  # drawn on the CPU: the same flips on any device
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         lr = lr_at(step, tcfg)
         for group in self.optimizer.param_groups:
@@ -289,7 +293,7 @@ class TokenizerSteps:
         l1 = (recon - x).abs().mean()
         l2 = (recon - x).pow(2).mean()
         loss = tcfg.l1_weight * l1 + tcfg.l2_weight * l2 + vq_loss
-        gan_g = torch.zeros(())
+        gan_g = torch.zeros((), device=x.device)
         if use_gan:
             gan_g = -self.disc(recon).mean()
             loss = loss + tcfg.gan_weight * gan_g
@@ -315,9 +319,13 @@ class TokenizerSteps:
 
 
 def train_tokenizer(config: TokenizerJobConfig, out_dir: str | Path, resume: bool = False,
-                    progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
+                    progress: bool = True, stop_at: int | None = None, device: str = "auto") -> dict[str, Any]:
     """Train (or resume) a tokenizer into `out_dir`; returns its card. `stop_at` simulates an interruption
-    (the state is saved there and {"interrupted_at": step} returned)."""
+    (the state is saved there and {"interrupted_at": step} returned). `device`: auto (a GPU when one is
+    visible: the cifar10 preset's 20k steps would take hours on a CPU) | cpu | cuda. The weights and the
+    card's reconstruction metrics are computed on the CPU copy, so the folder is the same wherever it trained."""
+    from mage_bench.runs import resolve_device
+
     out = Path(out_dir)
     check_output_folder(out, out / STATE_FILE, resume, "a folder such as models/NAME", "a training state")
     if resume and (out / CARD_FILE).exists():
@@ -327,7 +335,7 @@ def train_tokenizer(config: TokenizerJobConfig, out_dir: str | Path, resume: boo
         return card  # finished already: resuming is a no-op, so the same command can be rerun
     torch.set_flush_denormal(True)  # denormals slow small conv nets on CPU several-fold
     tcfg = config.train
-    steps = TokenizerSteps(config)
+    steps = TokenizerSteps(config, resolve_device(device))
     folder = TrainingFolder(out, STATE_FILE)
     step, elapsed = folder.begin(config, resume, steps.load)
     steps.start(step)
@@ -335,7 +343,7 @@ def train_tokenizer(config: TokenizerJobConfig, out_dir: str | Path, resume: boo
     step, elapsed = run_steps(steps, folder, cadence, (step, elapsed), stop_at, progress, "tokenizer")
     if step < tcfg.steps:  # interrupted on purpose (tests): leave the resumable state only
         return {"interrupted_at": step}
-    return _finish(config, out, steps.model, steps.train_set, elapsed)
+    return _finish(config, out, steps.model.cpu(), steps.train_set, elapsed)
 
 
 def _finish(config: TokenizerJobConfig, out: Path, model: VQGAN, train_set: Any, elapsed: float) -> dict[str, Any]:

@@ -141,8 +141,11 @@ class VectorQuantizer(nn.Module):
         """Indices of the nearest codes: z float[B, D, h, w] -> long[B, h, w]."""
         flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # [B*h*w, D]
         codes = self.embedding.weight  # [K, D]
-        # ||z||^2 is the same for every code, so argmin over ||e||^2 - 2 z.e picks the nearest.
-        dist = codes.pow(2).sum(1)[None, :] - 2.0 * flat @ codes.t()  # [B*h*w, K]
+        # In fp32 even when the encoder ran under autocast: a code choice should not hinge on bf16 rounding.
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            flat, codes = flat.float(), codes.float()
+            # ||z||^2 is the same for every code, so argmin over ||e||^2 - 2 z.e picks the nearest.
+            dist = codes.pow(2).sum(1)[None, :] - 2.0 * flat @ codes.t()  # [B*h*w, K]
         return dist.argmin(dim=1).view(z.shape[0], z.shape[2], z.shape[3])
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
