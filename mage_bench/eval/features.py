@@ -4,8 +4,14 @@ The feature is the official linear-probe one (`MAGE.features`: mean of last-bloc
 the class token, through a parameter-free LayerNorm; nothing masked or dropped), computed in
 batches under `torch.inference_mode` and streamed into a memory-mapped .npy, so memory stays flat
 in the number of images. The cache key names everything that changes the values: the checkpoint's
-sha256, the data set config, the split, the transform, the layer and the pooling. Every file is
-written through `mage_bench.io` (a temporary name, then a rename), so a crash never leaves a half cache.
+sha256, the data set config and the data set's identity (`data.dataset_identity`: its resolved path and
+file listing, so a relative `imagefolder:data/x` run from another folder does not reuse these features),
+the split, the transform, the layer and the pooling. Not the batch size: features do not depend on it
+beyond float noise. Every file is written through `mage_bench.io` (a temporary name, then a rename), so a
+crash never leaves a half cache.
+
+Images per batch: `EvalConfig.feature_batch_size(image_size)` unless given (256 up to 128 px, fewer above:
+the VQGAN's fp32 activations of 256 images at 256 px would need ~35 GB).
 """
 
 from __future__ import annotations
@@ -20,13 +26,15 @@ import numpy as np
 
 from mage_bench.config import DataConfig, to_dict
 
-FEATURE_VERSION = 1  # bump when the feature definition changes, to invalidate old caches
+# Bump when the feature definition or the key changes, to invalidate old caches (2: the data set identity)
+FEATURE_VERSION = 2
 LAYER, POOLING, TRANSFORM = "last_block", "mean_tokens_ln", "eval_resize_center_crop"
 
 
-def cache_key(checkpoint_sha256: str, data: DataConfig, split: str) -> str:
-    spec = {"checkpoint": checkpoint_sha256, "data": to_dict(data), "split": split, "transform": TRANSFORM,
-            "layer": LAYER, "pooling": POOLING, "version": FEATURE_VERSION}
+def cache_key(checkpoint_sha256: str, data: DataConfig, split: str, identity: str) -> str:
+    """The cache name of a split's features; `identity` is `data.dataset_identity` of that split."""
+    spec = {"checkpoint": checkpoint_sha256, "data": to_dict(data), "identity": identity, "split": split,
+            "transform": TRANSFORM, "layer": LAYER, "pooling": POOLING, "version": FEATURE_VERSION}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -37,32 +45,39 @@ def probe_features(run: Any, images: Any) -> Any:
     return run.model.features(tokens).float()
 
 
-def extract_features(run: str | Path | Any, data: DataConfig, split: str, batch_size: int = 256,
+def extract_features(run: str | Path | Any, data: DataConfig, split: str, batch_size: int | None = None,
                      device: str = "cpu", cache_dir: str | Path | None = None,
                      progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(features float32 [N, D] memory-mapped, labels int64 [N], info) for a run on a data split.
 
     `run` is a run folder or a `LoadedRun` (pass one to extract several splits with one load).
+    `batch_size`: images per tokenizer + encoder call; None: sized by the image size
+    (`EvalConfig.feature_batch_size`). `info["batch_size"]` says which was used (or None on a cache hit).
     """
     import torch
     from tqdm import tqdm
 
-    from mage_bench.data import create_dataset
+    from mage_bench.config import DEFAULT_EVAL
+    from mage_bench.data import create_dataset, dataset_identity
     from mage_bench.io import atomic_memmap, atomic_npy_save, atomic_write_json
     from mage_bench.runs import EVAL_DIR, LoadedRun, load_run
 
     loaded = run if isinstance(run, LoadedRun) else load_run(run, device)
-    key = cache_key(loaded.checkpoint_sha256, data, split)
+    dataset = create_dataset(data, split, train_transform=False)  # its identity is part of the key
+    identity = dataset_identity(dataset)
+    key = cache_key(loaded.checkpoint_sha256, data, split, identity)
     folder = Path(cache_dir) if cache_dir else loaded.path / EVAL_DIR / "cache"
     folder.mkdir(parents=True, exist_ok=True)
     feats_path, labels_path, meta_path = (folder / f"features-{key}{suffix}" for suffix in (".npy", ".labels.npy",
                                                                                              ".json"))
     info = {"cache_key": key, "checkpoint_sha256": loaded.checkpoint_sha256, "split": split, "layer": LAYER,
-            "pooling": POOLING, "transform": TRANSFORM, "data": to_dict(data)}
+            "pooling": POOLING, "transform": TRANSFORM, "data": to_dict(data), "dataset_identity": identity}
     if meta_path.exists() and feats_path.exists() and labels_path.exists():
-        return np.load(feats_path, mmap_mode="r"), np.load(labels_path), {**info, "cached": True}
+        hit = {**info, "cached": True, "batch_size": None}
+        return np.load(feats_path, mmap_mode="r"), np.load(labels_path), hit
 
-    dataset = create_dataset(data, split, train_transform=False)
+    if batch_size is None:
+        batch_size = DEFAULT_EVAL.feature_batch_size(data.image_size)
     n, dim = len(dataset), loaded.config.model.embed_dim
     labels = np.empty(n, dtype=np.int64)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
@@ -77,5 +92,5 @@ def extract_features(run: str | Path | Any, data: DataConfig, split: str, batch_
             labels[row:row + len(batch)] = np.asarray(targets)
             row += len(batch)
     atomic_npy_save(labels_path, labels)
-    atomic_write_json(meta_path, {**info, "n": n, "dim": dim})  # written last: marks a complete cache
-    return np.load(feats_path, mmap_mode="r"), labels, {**info, "cached": False}
+    atomic_write_json(meta_path, {**info, "n": n, "dim": dim, "batch_size": batch_size})  # written last: marks a complete cache
+    return np.load(feats_path, mmap_mode="r"), labels, {**info, "cached": False, "batch_size": batch_size}

@@ -13,6 +13,10 @@ Views (REFERENCE.md, "Evaluation protocols"):
   official recipe on purpose and every record says so in its `augment` field;
 - test: Resize(round(size * 292 / 256), bicubic) + CenterCrop(size), the official 292 -> 256 view.
 
+Encoder batches: `EvalConfig.feature_batch_size(image_size)` images per tokenizer + encoder call (the
+`encode_batch` argument, else sized by resolution as for cached features), whatever the head's batch: a
+4096-image head batch of 256 px views would not fit through the VQGAN at once.
+
 Determinism: the view of image `index` in `epoch` is drawn from its own generator, seeded from
 (seed, epoch, index), so it does not depend on the batch size, the shuffle or DataLoader workers,
 and two epochs see different views. One more seeded generator draws the head's weights and each
@@ -39,7 +43,6 @@ PROBE_METRICS = (Metric("top1", True, "linear probe (paper protocol) top-1"),
 CROP_SCALE, CROP_RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10  # tries for a box inside the image before the centred fallback
 EVAL_RESIZE_RATIO = 292 / 256  # the official test view: resize to 292, centre-crop 256
-ENCODE_BATCH = 256  # images per tokenizer + encoder call: a 4096-image head batch does not fit at once
 AUGMENT_FOLDER = "random-resized-crop(scale=0.2-1,bicubic)+hflip"
 AUGMENT_IN_MEMORY = "random-resized-crop(scale=0.2-1,bicubic),no-flip"
 TEST_VIEW = "resize(292/256,bicubic)+center-crop"
@@ -150,14 +153,14 @@ def open_split(data: DataConfig, split: str) -> Any:
     return dataset
 
 
-def _encode(run: Any, images: Any, device: str) -> Any:
-    """Probe features float[B, D] on `device`, ENCODE_BATCH images per tokenizer + encoder call."""
+def _encode(run: Any, images: Any, device: str, encode_batch: int) -> Any:
+    """Probe features float[B, D] on `device`, `encode_batch` images per tokenizer + encoder call."""
     import torch
 
     from mage_bench.eval.features import probe_features
 
     with torch.no_grad():
-        return torch.cat([probe_features(run, part.to(device)) for part in images.split(ENCODE_BATCH)])
+        return torch.cat([probe_features(run, part.to(device)) for part in images.split(encode_batch)])
 
 
 def _image_batches(dataset: Any, data: DataConfig, order: Any, batch_size: int, seed: int,
@@ -182,30 +185,34 @@ def _image_batches(dataset: Any, data: DataConfig, order: Any, batch_size: int, 
 
 def linear_probe_mae_views(run: Any, data: DataConfig, seed: int = 0, epochs: int = 90,
                            warmup_epochs: int | None = None, batch_size: int = 4096, blr: float = 0.1,
-                           device: str = "cpu", progress: bool = False) -> dict[str, Any]:
+                           device: str = "cpu", progress: bool = False,
+                           encode_batch: int | None = None) -> dict[str, Any]:
     """The faithful linear probe of a `LoadedRun` on `data` (see the module doc).
 
-    Returns {"top1", "top5", "lr", "epochs", "warmup_epochs", "batch_size", "augment", "test_view",
+    `encode_batch`: images per tokenizer + encoder call; None: `EvalConfig.feature_batch_size` of the
+    data's image size. Returns {"top1", "top5", "lr", "epochs", "warmup_epochs", "batch_size", "augment", "test_view",
     "n_test"}. Each epoch costs one tokenizer + encoder pass over the training split.
     """
     import torch
     from tqdm import tqdm
 
+    from mage_bench.config import DEFAULT_EVAL
     from mage_bench.data import is_in_memory
 
     schedule = HeadSchedule(epochs, batch_size, blr, warmup_epochs).checked("linear-mae")
+    encode_batch = encode_batch or DEFAULT_EVAL.feature_batch_size(data.image_size)
     train_set, test_set = open_split(data, "train"), open_split(data, "test")
     generator = torch.Generator().manual_seed(seed)
 
     def epoch_batches(epoch: int) -> Iterable[tuple[Any, Any]]:
         order = torch.randperm(len(train_set), generator=generator)
         for views, labels in _image_batches(train_set, data, order, schedule.batch_size, seed, epoch):
-            yield _encode(run, views, device), labels.to(device)
+            yield _encode(run, views, device, encode_batch), labels.to(device)
 
     probe = train_mae_head(epoch_batches, run.config.model.embed_dim, len(train_set.classes), len(train_set),
                            schedule, generator, device, progress)
-    test_batches = _image_batches(test_set, data, torch.arange(len(test_set)), ENCODE_BATCH, seed, None)
-    features, labels = zip(*((_encode(run, views, device), labels) for views, labels in
+    test_batches = _image_batches(test_set, data, torch.arange(len(test_set)), encode_batch, seed, None)
+    features, labels = zip(*((_encode(run, views, device, encode_batch), labels) for views, labels in
                              tqdm(test_batches, desc="linear probe test views", unit="batch", file=sys.stderr,
                                   disable=not progress)), strict=True)
     result = head_result(probe, torch.cat(features), torch.cat(labels).numpy(), schedule)

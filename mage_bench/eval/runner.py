@@ -6,6 +6,14 @@ code) and computes rows (metric key, value, evaluator-specific fields) either on
 probe feeds fresh augmented views through the encoder every epoch). Every setting comes from one
 `EvalConfig`. `evaluate_run` builds the rows into result records (`results.build_records`) and writes
 them to RUN/eval/NAME.json; `evaluate_all` adds the generation metrics (`eval/generation.py`).
+
+Resuming (`resume=True`): next to each NAME.json, RUN/eval/inputs/NAME.json records what the records were
+computed from (the checkpoint's sha256, the run's config hash, run and sweep names, the data config and
+the data sets' identities, and the evaluator's own settings: `Evaluator.settings`), written after the
+records and removed before they are recomputed. An evaluator whose records and matching inputs exist is
+not run again; its records are read back. The inputs live in a subfolder because everything matching
+RUN/eval/*.json is read as result records. The code version is not part of the inputs: after changing
+an evaluator's code, evaluate without `resume`.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from mage_bench.config import DEFAULT_EVAL, DataConfig, EvalConfig
+from mage_bench.config import DEFAULT_EVAL, DataConfig, EvalConfig, to_dict
 from mage_bench.errors import UserError
 from mage_bench.eval import fewshot, knn, linear, linear_views
 from mage_bench.metrics import Metric
@@ -32,16 +40,21 @@ class Evaluator:
     compute: Callable[..., Any]
     metrics: tuple[Metric, ...]
     on_run: bool = False
+    settings: tuple[str, ...] = ()  # the EvalConfig fields its numbers depend on (what `resume` compares)
 
 
 EVALUATORS: Registry[Evaluator] = Registry("evaluator")
 EVAL_ALL = ("linear", "fewshot", "knn")  # `eval all`; the paper's LARS probes are asked for by name
 FEATURE_EXTRACTOR = "mage-probe"  # the run's own encoder, official probe feature
+INPUTS_DIR = "inputs"  # RUN/eval/inputs/NAME.json: what RUN/eval/NAME.json was computed from
+INPUTS_VERSION = 1  # bump when what the inputs name changes
+# The EvalConfig fields the generation records depend on (with the metric flags), for `evaluate_all`'s resume.
+GENERATION_SETTINGS = ("num_samples", "real_split", "extractor", "weights", "backend")
 
 
 def _linear(train_x, train_y, test_x, test_y, seed: int, settings: EvalConfig, device: str) -> list[Row]:
-    r = linear.linear_probe(train_x, train_y, test_x, test_y, seed=seed)
-    extra = {"C": r["C"], "val_top1": r["val_top1"]}
+    r = linear.linear_probe(train_x, train_y, test_x, test_y, seed=seed, device=device)
+    extra = {"C": r["C"], "val_top1": r["val_top1"], "solver": r["solver"]}
     return [("top1", r["top1"], extra), ("top5", r["top5"], extra)]
 
 
@@ -64,6 +77,7 @@ def _linear_mae_cached(train_x, train_y, test_x, test_y, seed: int, settings: Ev
 def _linear_mae(run: Any, data: DataConfig, seed: int, settings: EvalConfig, device: str,
                 progress: bool) -> tuple[list[Row], int]:
     r = linear_views.linear_probe_mae_views(run, data, seed=seed, device=device, progress=progress,
+                                            encode_batch=settings.feature_batch_size(data.image_size),
                                             **settings.probe_schedule())
     return _mae_rows(r, "mae", augment=r["augment"], test_view=r["test_view"]), r["n_test"]
 
@@ -76,22 +90,26 @@ def _fewshot(train_x, train_y, test_x, test_y, seed: int, settings: EvalConfig, 
 
 
 def _knn(train_x, train_y, test_x, test_y, seed: int, settings: EvalConfig, device: str) -> list[Row]:
+    # One search serves every k and the retrieval (test images as queries against the train split, same
+    # class = relevant).
+    results, r = knn.knn_evaluate(train_x, train_y, test_x, test_y, ks=settings.knn_ks,
+                                  temperature=settings.knn_temperature, precision_ks=(10,), device=device)
     rows: list[Row] = []
-    for k in settings.knn_ks:
-        r = knn.knn_classify(train_x, train_y, test_x, test_y, k=k, temperature=settings.knn_temperature)
-        extra = {"k": r["k"], "temperature": settings.knn_temperature}
-        rows += [("top1", r["top1"], extra), ("top5", r["top5"], extra)]
-    # Retrieval: test images as queries against the train split, same class = relevant.
-    r = knn.retrieval_metrics(train_x, train_y, test_x, test_y, precision_ks=(10,))
+    for result in results:
+        extra = {"k": result["k"], "temperature": settings.knn_temperature}
+        rows += [("top1", result["top1"], extra), ("top5", result["top5"], extra)]
     rows += [("map_at_r", r["map_at_r"], {"queries": r["queries"]}), ("precision_at_10", r["precision_at_10"], {})]
     return rows
 
 
+PROBE_SETTINGS = ("probe_epochs", "probe_batch_size", "probe_blr")
 EVALUATORS.register("linear")(Evaluator(_linear, linear.METRICS))
-EVALUATORS.register("linear-mae-cached")(Evaluator(_linear_mae_cached, linear_views.PROBE_METRICS))
-EVALUATORS.register("linear-mae")(Evaluator(_linear_mae, linear_views.PROBE_METRICS, on_run=True))
-EVALUATORS.register("fewshot")(Evaluator(_fewshot, fewshot.METRICS))
-EVALUATORS.register("knn")(Evaluator(_knn, knn.METRICS))
+EVALUATORS.register("linear-mae-cached")(Evaluator(_linear_mae_cached, linear_views.PROBE_METRICS,
+                                                   settings=PROBE_SETTINGS))
+EVALUATORS.register("linear-mae")(Evaluator(_linear_mae, linear_views.PROBE_METRICS, on_run=True,
+                                            settings=PROBE_SETTINGS))
+EVALUATORS.register("fewshot")(Evaluator(_fewshot, fewshot.METRICS, settings=("fewshot_shots", "fewshot_draws")))
+EVALUATORS.register("knn")(Evaluator(_knn, knn.METRICS, settings=("knn_ks", "knn_temperature")))
 
 
 def metric_of(evaluator: str, key: str) -> Metric:
@@ -120,16 +138,18 @@ def check_evaluator(name: str) -> None:
 
 def evaluate_run(run_dir: str | Path | Any, names: list[str], settings: EvalConfig = DEFAULT_EVAL,
                  data_name: str | None = None, progress: bool = False, cache_dir: str | Path | None = None,
-                 sweep: str | None = None) -> dict[str, list[dict[str, Any]]]:
+                 sweep: str | None = None, resume: bool = False) -> dict[str, list[dict[str, Any]]]:
     """Run the named evaluators on the run's cached features (or on the run, for `on_run` ones); write
     and return their records.
 
     The run is loaded once; its own data settings apply, `data_name` only swaps the data set.
     Features are cached under RUN/eval/cache unless `cache_dir` says otherwise, and extracted only
-    when an evaluator on features is asked for.
+    when an evaluator on features is computed, `settings.feature_batch_size` images at a time.
+    `resume`: an evaluator whose records exist and were computed from the same inputs (module doc) is
+    not run again; its records are read back.
     """
-    from mage_bench.results import RecordContext, build_records, config_hash, write_records
-    from mage_bench.runs import EVAL_DIR, LoadedRun, load_run, resolve_device
+    from mage_bench.results import RecordContext, build_records, config_hash, read_records, write_records
+    from mage_bench.runs import LoadedRun, load_run, resolve_device
 
     names = list(dict.fromkeys(names))  # asked twice, run once
     for name in names:
@@ -137,33 +157,112 @@ def evaluate_run(run_dir: str | Path | Any, names: list[str], settings: EvalConf
     device = resolve_device(settings.device)
     run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, device)
     config, data = run.config, run_data_config(run.config, data_name)
+    run_hash = config_hash(config)
+    identities = dataset_identities(data, ("train", "test"))
+    inputs = {name: evaluation_inputs(run, name, data, identities, settings, sweep, run_hash,
+                                      EVALUATORS.get(name).settings) for name in names}
+    written = {name: read_records(records_path(run, name)) for name in names
+               if resume and inputs_match(run, name, inputs[name])}
+    todo = [name for name in names if name not in written]
     features = None
-    if any(not EVALUATORS.get(name).on_run for name in names):
-        features = _cached_features(run, data, device, cache_dir, progress)
-    written = {}
-    for name in names:
+    if any(not EVALUATORS.get(name).on_run for name in todo):
+        features = _cached_features(run, data, device, cache_dir, progress,
+                                    settings.feature_batch_size(data.image_size))
+    for name in todo:
         evaluator = EVALUATORS.get(name)
+        forget_inputs(run, name)  # records about to change: a crash before the new inputs leaves none
         if evaluator.on_run:
             rows, n_test = evaluator.compute(run, data, config.seed, settings, device, progress)
         else:
             rows, n_test = evaluator.compute(*features, config.seed, settings, device), len(features[3])
         context = RecordContext(evaluator=name, run=run.path.name, dataset=data.name, split="test",
                                 feature_extractor=FEATURE_EXTRACTOR, n_samples=n_test, seed=config.seed,
-                                config_hash=config_hash(config), sweep=sweep)
+                                config_hash=run_hash, sweep=sweep)
         records = build_records(context, evaluator.metrics, rows)
-        write_records(run.path / EVAL_DIR / f"{name}.json", records)
+        write_records(records_path(run, name), records)
+        remember_inputs(run, name, inputs[name])  # after the records: inputs only ever describe records
         written[name] = [r.as_dict() for r in records]
-    return written
+    return {name: written[name] for name in names}
 
 
-def _cached_features(run: Any, data: DataConfig, device: str, cache_dir: str | Path | None,
-                     progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _cached_features(run: Any, data: DataConfig, device: str, cache_dir: str | Path | None, progress: bool,
+                     batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train_x, train_y, test_x, test_y) of the run's probe features, from the cache when present."""
     from mage_bench.eval.features import extract_features
 
-    train_x, train_y, _ = extract_features(run, data, "train", device=device, cache_dir=cache_dir, progress=progress)
-    test_x, test_y, _ = extract_features(run, data, "test", device=device, cache_dir=cache_dir, progress=progress)
+    train_x, train_y, _ = extract_features(run, data, "train", batch_size=batch_size, device=device,
+                                           cache_dir=cache_dir, progress=progress)
+    test_x, test_y, _ = extract_features(run, data, "test", batch_size=batch_size, device=device,
+                                         cache_dir=cache_dir, progress=progress)
     return np.asarray(train_x), train_y, np.asarray(test_x), test_y
+
+
+# --------------------------------------------------------------------------------------------
+# What records were computed from (resume)
+
+
+def dataset_identities(data: DataConfig, splits: tuple[str, ...]) -> dict[str, str]:
+    """{split: `data.dataset_identity`} of the data set's splits (their resolved paths and file listings)."""
+    from mage_bench.data import create_dataset, dataset_identity
+
+    return {split: dataset_identity(create_dataset(data, split, train_transform=False)) for split in splits}
+
+
+def evaluation_inputs(run: Any, name: str, data: DataConfig, identities: dict[str, str], settings: EvalConfig,
+                      sweep: str | None, run_hash: str, fields: tuple[str, ...],
+                      **extra: Any) -> dict[str, Any]:
+    """Everything evaluator `name`'s records on `run` depend on, as JSON-ready values (see the module doc)."""
+    return {"version": INPUTS_VERSION, "evaluator": name, "checkpoint_sha256": run.checkpoint_sha256,
+            "config_hash": run_hash, "run": run.path.name, "sweep": sweep, "data": to_dict(data),
+            "datasets": identities, "settings": {f: getattr(settings, f) for f in fields}, **extra}
+
+
+def _inputs_digest(inputs: dict[str, Any]) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def records_path(run: Any, name: str) -> Path:
+    """RUN/eval/NAME.json, the evaluator's result records."""
+    from mage_bench.runs import EVAL_DIR
+
+    return run.path / EVAL_DIR / f"{name}.json"
+
+
+def inputs_path(run: Any, name: str) -> Path:
+    """RUN/eval/inputs/NAME.json, what RUN/eval/NAME.json was computed from (outside RUN/eval/*.json, which
+    readers take for result records)."""
+    from mage_bench.runs import EVAL_DIR
+
+    return run.path / EVAL_DIR / INPUTS_DIR / f"{name}.json"
+
+
+def inputs_match(run: Any, name: str, inputs: dict[str, Any]) -> bool:
+    """Whether RUN/eval/NAME.json exists and its inputs file says it was computed from `inputs`."""
+    import json
+
+    path = inputs_path(run, name)
+    if not (records_path(run, name).is_file() and path.is_file()):
+        return False
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False  # unreadable: recompute
+    return isinstance(stored, dict) and stored.get("digest") == _inputs_digest(inputs)
+
+
+def remember_inputs(run: Any, name: str, inputs: dict[str, Any]) -> None:
+    """Write NAME's inputs file atomically; call it after the records are written."""
+    from mage_bench.io import atomic_write_json
+
+    atomic_write_json(inputs_path(run, name), {"digest": _inputs_digest(inputs), "inputs": inputs})
+
+
+def forget_inputs(run: Any, name: str) -> None:
+    """Remove NAME's inputs file before its records are rewritten, so it never describes other records."""
+    inputs_path(run, name).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,26 +271,37 @@ def _cached_features(run: Any, data: DataConfig, device: str, cache_dir: str | P
 
 def evaluate_all(run_dir: str | Path | Any, settings: EvalConfig = DEFAULT_EVAL, data_name: str | None = None,
                  flags: tuple[str, ...] = ("fid", "isc", "kid"), cache_dir: str | Path | None = None,
-                 progress: bool = False, sweep: str | None = None,
-                 samples: Any | None = None) -> dict[str, list[dict[str, Any]]]:
+                 progress: bool = False, sweep: str | None = None, samples: Any | None = None,
+                 resume: bool = False) -> dict[str, list[dict[str, Any]]]:
     """One load and one feature pass for linear, few-shot and kNN, then FID (+IS/KID) of the run's samples.
 
     `run_dir` is a run folder or a `LoadedRun`. `settings.num_samples` defaults to the number of
     reference images (the real split of the run's data set), so both sides of the Fréchet distance have
     the same count; `samples` passes images generated already (an `ImageSet` of that many).
-    Writes RUN/eval/{linear,fewshot,knn,fid}.json.
+    Writes RUN/eval/{linear,fewshot,knn,fid}.json. `resume`: evaluators (fid included) whose records exist
+    and were computed from the same inputs are read back, not recomputed (module doc).
     """
     import dataclasses
 
-    from mage_bench.eval.generation import evaluate_generation
+    from mage_bench.eval import generation
+    from mage_bench.results import config_hash, read_records
     from mage_bench.runs import LoadedRun, load_run, resolve_device
 
     run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, resolve_device(settings.device))
     data = run_data_config(run.config, data_name)
     settings = dataclasses.replace(settings, num_samples=num_samples_for(run, settings, data_name))
-    written = evaluate_run(run, list(EVAL_ALL), settings, data_name=data_name, progress=progress, sweep=sweep)
-    written["fid"] = evaluate_generation(run, data.name, settings, flags, cache_dir=cache_dir, progress=progress,
-                                         sweep=sweep, samples=samples)
+    written = evaluate_run(run, list(EVAL_ALL), settings, data_name=data_name, progress=progress, sweep=sweep,
+                           resume=resume)
+    name = generation.EVALUATOR
+    inputs = evaluation_inputs(run, name, data, dataset_identities(data, (settings.real_split,)), settings, sweep,
+                               config_hash(run.config), GENERATION_SETTINGS, flags=list(dict.fromkeys(flags)))
+    if resume and inputs_match(run, name, inputs):
+        written[name] = read_records(records_path(run, name))
+        return written
+    forget_inputs(run, name)  # evaluate_generation rewrites RUN/eval/fid.json
+    written[name] = generation.evaluate_generation(run, data.name, settings, flags, cache_dir=cache_dir,
+                                                   progress=progress, sweep=sweep, samples=samples)
+    remember_inputs(run, name, inputs)
     return written
 
 
