@@ -244,3 +244,38 @@ def _package_versions() -> dict[str, str]:
 
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def atomic_create(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Like `atomic_open`, for a file whose content is a function of its name (a cache entry): publishing
+    is first-writer-wins. When another process published `path` while this one was writing, the copy
+    written here is discarded and theirs is kept, so every reader of the name sees one and the same file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        try:
+            os.link(tmp, path)  # atomic and refuses an existing name, unlike os.replace
+        except FileExistsError:
+            pass  # published first by another process: keep theirs
+        except OSError:  # a file system without hard links: replacing is still atomic, only not first-wins
+            if not path.exists():
+                os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make the renames into `folder` durable (a folder's entries are data of the folder itself)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -37,7 +37,9 @@ class FidExtractor:
     name: str  # what records say in `feature_extractor`
     standard: bool  # True only for the Inception weights that define FID/IS
     torch_fidelity_name: str  # its name in torch-fidelity's registry
-    resolve_weights: Callable[[str | None, bool], Path]  # (path given or None, progress) -> weights file
+    # (path given or None, progress, allow_download=True) -> weights file. With allow_download=False nothing
+    # is fetched over the network: a file not on this machine is a UserError saying how to provide it.
+    resolve_weights: Callable[..., Path]
     cleanfid_model: Callable[[Path, str], Callable]  # (weights, device) -> float [B,3,S,S] in [0,255] -> [B,D]
     cleanfid_resize: Callable[[], Callable | None]  # None: clean-fid's own resize (to 299 px)
 
@@ -54,8 +56,9 @@ def standard_extractors() -> set[str]:
 # Inception-v3 (standard)
 
 
-def resolve_inception_weights(path: str | None, progress: bool = False) -> Path:
-    """The Inception weights file: given, from the environment, in torch hub's cache, or downloaded there."""
+def resolve_inception_weights(path: str | None, progress: bool = False, allow_download: bool = True) -> Path:
+    """The Inception weights file: given, from the environment, in torch hub's cache, or downloaded there
+    (only with `allow_download`; without it a missing file is a UserError saying where to put it)."""
     import torch
 
     from mage_bench.io import safe_torch_load
@@ -65,16 +68,22 @@ def resolve_inception_weights(path: str | None, progress: bool = False) -> Path:
     if given:
         weights = Path(given)
         if not weights.is_file():
-            raise UserError(f"Inception weights {weights} do not exist; pass the file {INCEPTION_FILE} with --weights")
+            source = "" if path else f" (from ${INCEPTION_ENV})"
+            raise UserError(f"Inception weights {weights}{source} do not exist; pass the file {INCEPTION_FILE} "
+                            f"with --weights or set {INCEPTION_ENV}")
     elif hub_file.is_file():
         weights = hub_file
+    elif not allow_download:
+        raise UserError(f"Inception weights {INCEPTION_FILE} are not on this machine; pass --weights PATH, set "
+                        f"{INCEPTION_ENV}=PATH or put the file at {hub_file} (or allow the download)")
     else:
         hub_file.parent.mkdir(parents=True, exist_ok=True)
         try:
             torch.hub.download_url_to_file(INCEPTION_URL, str(hub_file), progress=progress)
         except Exception as exc:  # no internet, proxy, HTTP error: all mean "put the file there yourself"
             raise UserError(f"Inception weights are not on this machine and the download failed ({exc}); "
-                            f"put {INCEPTION_FILE} at {hub_file} or pass --weights PATH") from None
+                            f"put {INCEPTION_FILE} at {hub_file}, pass --weights PATH or set {INCEPTION_ENV}"
+                            ) from None
         weights = hub_file
     try:  # torch-fidelity loads with weights_only=False; refuse anything that is not plain tensors first
         safe_torch_load(weights)
@@ -243,8 +252,9 @@ def train_digits_cnn(out_dir: str | Path = DIGITS_CNN_DIR, seed: int = 0, epochs
     return card
 
 
-def resolve_digits_cnn_weights(path: str | None, progress: bool = False) -> Path:
-    """The digits-cnn weights: given, or cached under models/digits-cnn (trained there on first use)."""
+def resolve_digits_cnn_weights(path: str | None, progress: bool = False, allow_download: bool = True) -> Path:
+    """The digits-cnn weights: given, or cached under models/digits-cnn (trained there on first use, ~15 s
+    on the bundled digits; that needs no network, so `allow_download` changes nothing here)."""
     import sys
 
     if path:

@@ -6,7 +6,16 @@ records the `fid` evaluator writes (key, direction, label), `FLAGS` which record
 Reference statistics are cached per (reference, resolution, extractor + weights, N): torch-fidelity
 keeps them in its own cache under `<cache>/torch-fidelity` (named by that key), clean-fid's features
 are kept under `<cache>/clean-fid/<key>.npy`; a second call with the same reference skips its
-extraction. KID uses subsets of min(1000, N_real, N_fake) images (recorded as `kid_subset_size`).
+extraction. The key holds the reference's `ImageSet.identity` (for a data set: its resolved path and
+listing digest, `image_sets.reference_spec`), never a path as typed.
+
+Concurrent runs sharing a cache may extract the same reference together; publishing is safe for both:
+clean-fid's file is created first-writer-wins (`io.atomic_create`: the loser discards its copy and every
+process then computes from the one published file), and torch-fidelity writes its entries to a temporary
+file renamed onto the name (its `torch_atomic_save`), which never fails on an existing name and never
+exposes a partial file; its entries are a function of the key, so whichever copy stays is the same one.
+
+KID uses subsets of min(1000, N_real, N_fake) images (recorded as `kid_subset_size`).
 """
 
 from __future__ import annotations
@@ -107,7 +116,7 @@ def _clean_fid(request: Request) -> dict[str, float]:
     import torch
     from cleanfid import fid as cleanfid
 
-    from mage_bench.io import atomic_npy_save
+    from mage_bench.io import atomic_create
 
     model = request.extractor.cleanfid_model(request.weights, request.device)
     resize = request.extractor.cleanfid_resize()
@@ -119,11 +128,11 @@ def _clean_fid(request: Request) -> dict[str, float]:
                                            description=label, verbose=request.progress)
 
     reference = request.cache_dir / "clean-fid" / f"{request.reference_key()}.npy"
-    if reference.is_file():
-        real = np.load(reference)
-    else:
+    if not reference.is_file():
         real = features(request.real.files, "clean-fid real ")
-        atomic_npy_save(reference, real)
+        with atomic_create(reference) as handle:  # another run publishing first is fine: theirs is kept
+            np.save(handle, real)
+    real = np.load(reference)  # the published copy, so runs racing on it all compute from the same features
     fake = features(request.fake.files, "clean-fid fake ")
     out = {}
     with contextlib.redirect_stdout(sys.stderr):  # clean-fid prints; --json owns stdout

@@ -1,7 +1,9 @@
 """Evaluating generation: FID (+ IS/KID/PR) of a run's samples or a folder against a reference.
 
 Three stages, each a function: `plan_generation` resolves and checks every input before any work (the
-metric flags, the backend, the extractor and its weights, the run or folder); `generate_run_samples`
+metric flags, the backend, the extractor and its weights, the run or folder); the part of it that needs
+no run or folder, `check_generation_inputs`, is public so a sweep can call it before any training;
+`generate_run_samples`
 decodes a run's images into RUN/samples (skipping those already there); `evaluate_generation` then
 renders the real side, computes through the backend (`fid_backends`) and builds the records.
 
@@ -46,18 +48,42 @@ def default_extractor(real: str) -> str:
     return "digits-cnn" if not Path(real).is_dir() and DatasetSpec.parse(real).name == "digits" else "inception-v3"
 
 
-def plan_generation(fake: str | Path | Any, real: str, settings: EvalConfig, flags: tuple[str, ...],
-                    cache_dir: str | Path | None = None, progress: bool = False) -> GenerationPlan:
-    """Check the flags, backend, fake side and extractor weights, cheapest first; load a run once."""
+def _checked_flags(settings: EvalConfig, real: str, flags: tuple[str, ...]) -> tuple[tuple[str, ...], Any]:
+    """(the flags, deduplicated; the extractor) after the checks that read nothing: flag names, backend,
+    extractor name, and `real` being a folder or a known data set."""
+    from mage_bench.data import DATASETS, DatasetSpec
     from mage_bench.eval.extractors import FID_EXTRACTORS
-    from mage_bench.runs import CHECKPOINT_FILE, LoadedRun, load_run, resolve_device
 
     flags = tuple(dict.fromkeys(flags))  # asked twice (e.g. eval all --kid) is computed once
     unknown = set(flags) - set(FLAGS)
     if unknown:
         raise UserError(f"unknown generation metric {sorted(unknown)[0]!r}; use {', '.join(FLAGS)}")
     check_backend(settings.backend, flags)  # typos and unsupported metrics fail before any work
-    extractor = FID_EXTRACTORS.get(settings.extractor or default_extractor(real))
+    if not Path(real).is_dir() and DatasetSpec.parse(real).name not in DATASETS:
+        raise UserError(f"--real {real!r} is neither a folder nor a data set ({', '.join(DATASETS.names())})")
+    return flags, FID_EXTRACTORS.get(settings.extractor or default_extractor(real))
+
+
+def check_generation_inputs(settings: EvalConfig, real: str, flags: tuple[str, ...], progress: bool = False,
+                            allow_download: bool = False) -> Path:
+    """Check what a generation evaluation needs besides its images, and return the extractor's weights file.
+
+    Checks the metric flags and the backend, that `real` is a folder or a data set, picks the extractor
+    (`settings.extractor`, else `default_extractor(real)`) and resolves its weights (`settings.weights`,
+    else the extractor's own place). Loads no run and generates nothing, so a sweep can call it before
+    any training. Nothing is downloaded unless `allow_download`: missing Inception weights are then a
+    one-line UserError naming the file, `--weights` and $MAGE_BENCH_INCEPTION_WEIGHTS. (digits-cnn weights
+    are trained locally on first use, ~15 s, whatever `allow_download` says.)"""
+    _, extractor = _checked_flags(settings, real, flags)
+    return extractor.resolve_weights(settings.weights, progress, allow_download=allow_download)
+
+
+def plan_generation(fake: str | Path | Any, real: str, settings: EvalConfig, flags: tuple[str, ...],
+                    cache_dir: str | Path | None = None, progress: bool = False) -> GenerationPlan:
+    """Check the flags, backend, fake side and extractor weights, cheapest first; load a run once."""
+    from mage_bench.runs import CHECKPOINT_FILE, LoadedRun, load_run, resolve_device
+
+    flags, extractor = _checked_flags(settings, real, flags)
     device = resolve_device(settings.device)
     run = fake if isinstance(fake, LoadedRun) else None
     if run is None and (Path(fake) / CHECKPOINT_FILE).is_file():
@@ -65,7 +91,8 @@ def plan_generation(fake: str | Path | Any, real: str, settings: EvalConfig, fla
     if run is not None and settings.num_samples is None:
         raise UserError(f"--fake {run.path} is a run: say how many images to generate with --num-samples N")
     fake_set = resolve_fake(str(fake), settings.num_samples) if run is None else None  # cheap folder checks
-    weights = extractor.resolve_weights(settings.weights, progress)  # then the weights, before any generation
+    # Then the weights, before any generation (`eval fid` downloads the Inception weights when missing).
+    weights = check_generation_inputs(settings, real, flags, progress, allow_download=True)
     return GenerationPlan(flags, settings, extractor, weights, device,
                           Path(cache_dir) if cache_dir else DEFAULT_CACHE, run, fake_set)
 

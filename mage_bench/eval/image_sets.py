@@ -4,7 +4,11 @@
   palette and RGBA images are converted to RGB (alpha dropped) by both metric libraries on load. In a
   folder written by `mage-bench generate` (it holds generation.json) the preview grid.png is not a sample.
 - A data set used as the real side has its split written once as lossless PNGs into the cache, like the
-  paper's PNG reference set (the images are the data pipeline's eval view: resize + centre crop).
+  paper's PNG reference set (the images are the data pipeline's eval view: resize + centre crop). The
+  folder is keyed on the data settings that change pixels, the split and the data set's identity (its
+  resolved path and a digest of its file listing: `data.dataset_identity`), never on the path as typed,
+  so `imagefolder:data/imagenet` typed in two places cannot share statistics. The images are decoded by
+  DataLoader workers (`data.num_workers`) and encoded by a thread pool (`samples.write_pngs`).
 """
 
 from __future__ import annotations
@@ -71,21 +75,49 @@ def scan_folder(folder: str | Path, description: str | None = None) -> ImageSet:
     return ImageSet(folder, tuple(files), len(files), next(iter(sizes)), identity, description or str(folder))
 
 
+# Data settings that do not change the reference's pixels: left out of its key, so e.g. another worker
+# count reuses the same folder.
+_NOT_PIXELS = ("num_workers", "download")
+
+
+def reference_spec(data: Any, split: str, dataset: Any) -> str:
+    """What a reference folder (and every statistic of it) is keyed on, as canonical JSON: the data settings
+    that change pixels, the split, the view, and the data set's identity in place of the path as typed."""
+    from mage_bench.config import to_dict
+    from mage_bench.data import DatasetSpec, dataset_identity
+
+    settings = {k: v for k, v in to_dict(data).items() if k not in _NOT_PIXELS}
+    settings["name"] = DatasetSpec.parse(data.name).name  # the typed path: resolved inside the identity
+    return json.dumps({"data": settings, "split": split, "view": "eval_resize_center_crop",
+                       "identity": dataset_identity(dataset)}, sort_keys=True)
+
+
+def _label(name: str) -> str:
+    """A readable folder-name prefix that does not depend on how the path was typed: the data set kind and
+    the resolved folder's own name (`imagefolder:data/imagenet` -> `imagefolder-imagenet`)."""
+    from mage_bench.data import DatasetSpec
+
+    spec = DatasetSpec.parse(name)
+    if not spec.argument:
+        return slug(spec.name, empty="data")
+    return slug(f"{spec.name}-{Path(spec.argument).expanduser().resolve().name}", empty="data")
+
+
 def dataset_reference(data: Any, split: str, cache_dir: Path, progress: bool = False) -> ImageSet:
     """A data set split as PNG files under the cache (written once, atomically as a folder)."""
     from PIL import Image
 
-    from mage_bench.config import to_dict
     from mage_bench.data import create_dataset
     from mage_bench.io import atomic_folder
 
-    spec = json.dumps({"data": to_dict(data), "split": split, "view": "eval_resize_center_crop"}, sort_keys=True)
+    # Built even when the folder exists: its identity (the listing) is what tells two trees apart.
+    dataset = create_dataset(data, split, train_transform=False)
+    spec = reference_spec(data, split, dataset)
     key = hashlib.sha256(spec.encode()).hexdigest()[:16]
-    folder = cache_dir / "reference-images" / f"{slug(data.name, empty='data')}-{split}-{data.image_size}px-{key}"
+    folder = cache_dir / "reference-images" / f"{_label(data.name)}-{split}-{data.image_size}px-{key}"
     if not folder.is_dir():
-        dataset = create_dataset(data, split, train_transform=False)
         with atomic_folder(folder) as staging:  # another run publishing it first is fine: theirs is kept
-            _write_pngs(dataset, staging, progress, f"reference {data.name} {split}")
+            _write_pngs(dataset, staging, progress, f"reference {data.name} {split}", _workers(data))
     files = list_images(folder)
     with Image.open(files[0]) as image:
         size = image.size
@@ -93,18 +125,29 @@ def dataset_reference(data: Any, split: str, cache_dir: Path, progress: bool = F
                     f"{data.name} {split} ({len(files)} images)")
 
 
-def _write_pngs(dataset: Any, folder: Path, progress: bool, desc: str) -> None:
+def _workers(data: Any) -> int:
+    """DataLoader workers to decode the reference: the data config's, none for in-memory sets."""
+    from mage_bench.data import is_in_memory
+
+    return 0 if is_in_memory(data) else data.num_workers
+
+
+def _write_pngs(dataset: Any, folder: Path, progress: bool, desc: str, num_workers: int = 0) -> None:
+    """`dataset`'s images as NNNNNN.png in `folder` (a staging folder: written straight to final names).
+    Workers decode and resize (0: in this process), a thread pool encodes; pixels are rounded to uint8."""
     import torch
-    from PIL import Image
     from tqdm import tqdm
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256, shuffle=False)
+    from mage_bench.samples import png_pool, write_pngs
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, shuffle=False, num_workers=num_workers)
     index = 0
-    for images, _ in tqdm(loader, desc=desc, unit="batch", file=sys.stderr, disable=not progress):
-        pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        for array in pixels:
-            Image.fromarray(array).save(folder / f"{index:06d}.png")
-            index += 1
+    with png_pool() as pool:
+        for images, _ in tqdm(loader, desc=desc, unit="batch", file=sys.stderr, disable=not progress):
+            pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            write_pngs([(folder / f"{index + i:06d}.png", array) for i, array in enumerate(pixels)], pool,
+                       atomic=False)  # the folder is published as a whole: no per-file rename needed
+            index += len(pixels)
 
 
 def resolve_fake(fake: str, num: int | None) -> ImageSet:
