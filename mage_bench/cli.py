@@ -52,7 +52,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     config = resolve_config(TokenizerJobConfig, file_layer, layer)
     from mage_bench.tokenizer.train import train_tokenizer
 
-    card = train_tokenizer(config, args.out, resume=args.resume, progress=_progress_enabled(args))
+    card = train_tokenizer(config, args.out, resume=args.resume, progress=_progress_enabled(args), device=args.device)
     m = card["metrics"]["test"]
     _emit(args, card,
           f"tokenizer written to {args.out} ({card['steps']} steps, {card['train_time_s']:.0f} s): "
@@ -380,7 +380,9 @@ def _add_sweep_parser(sub: Any) -> None:
     p.add_argument("--executor", help="local (default) | torchrun | slurm")
     p.add_argument("--runs", help="run folders (default runs/<sweep>)")
     p.add_argument("--out", help="report folder (default reports/<sweep>)")
-    p.add_argument("--dry-run", action="store_true", help="print the runs, what differs between points and what would execute; run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the runs, what differs between points and what would execute, after checking the "
+                        "FID extractor weights; run nothing")
     p.add_argument("--partition", help="slurm: partition (default: the spec's executor.slurm.partition)")
     p.add_argument("--gpus", type=int, help="slurm: GPUs per node")
     p.add_argument("--time-min", type=int, help="slurm: time limit per run, minutes")
@@ -436,6 +438,8 @@ def _add_tokenizer_parser(sub: Any) -> None:
     t.add_argument("--image-size", type=int), t.add_argument("--steps", type=int)
     t.add_argument("--batch-size", type=int), t.add_argument("--seed", type=int)
     t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto (default: a GPU when one is visible) | cpu | cuda; the weights and card are the same")
     _common(t)
     t.set_defaults(func=cmd_tokenizer_train)
 

@@ -1,14 +1,19 @@
 """Executors: how a sweep's runs are carried out, on existing engines only (no home-made scheduler).
 
-- `local`: one run after another in this process.
+Each run has two stages (`mage_bench.run_job`): training, then evaluation (generation and `eval all`)
+on one process and one device. A DONE run is skipped, a trained one goes straight to evaluation, and
+evaluation skips the evaluators whose records exist.
+- `local`: one run after another in this process, both stages.
 - `torchrun`: each run's training as a multi-process DDP job on this node (torch.distributed.run,
-  `executor.nproc_per_node` processes); generation and evaluation then run here.
-- `slurm`: each run a Slurm job through submitit (partition, GPUs, CPUs, memory, time from the spec's
-  `executor.slurm` or the CLI) with one task per GPU (`tasks_per_node`) on every node; the tasks join
-  one DDP process group from submitit's job environment, rank 0 writes and evaluates, and a preempted
-  or timed-out job is requeued and resumes from its checkpoint. `executor.slurm.cluster: local` runs
-  the same path on this machine with submitit's local executor (what the tests use).
-All of them call `run_job.execute_run`, which skips DONE runs and resumes interrupted ones.
+  `executor.nproc_per_node` processes), then its evaluation in a one-process subprocess, so that no GPU
+  memory it cached stays behind while the next run trains.
+- `slurm`: each run a Slurm training job through submitit (partition, GPUs, CPUs, memory and time from
+  the spec's `executor.slurm` or the CLI) with one task per GPU (`tasks_per_node`) on every node; the
+  tasks join one DDP process group from submitit's job environment and rank 0 writes. When it
+  succeeds, the run's evaluation job follows: one task, one GPU (none when the spec asks for none), one
+  node. Either job, preempted or timed out, is requeued and resumes (training from its checkpoint,
+  evaluation from its samples and records). `executor.slurm.cluster: local` runs the same path on this
+  machine with submitit's local executor (what the tests use).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 
 from mage_bench.errors import UserError
 from mage_bench.registry import Registry
-from mage_bench.run_job import RunTask, execute_run
+from mage_bench.run_job import EvaluateTask, RunTask, execute_run, sweep_evaluation, trained_already
 from mage_bench.runs import DONE_FILE, SHARED_DIR
 
 
@@ -58,14 +63,14 @@ def _bar(ctx: SweepContext, total: int):
                 position=0, dynamic_ncols=True)
 
 
-def _one_after_another(ctx: SweepContext, plans: list[Any],
-                       train_command: list[str] | None = None) -> list[dict[str, Any]]:
+def _one_after_another(ctx: SweepContext, plans: list[Any], train_command: list[str] | None = None,
+                       isolate_evaluation: bool = False) -> list[dict[str, Any]]:
     outcomes = []
     with _bar(ctx, len(plans)) as bar:
         for plan in plans:
             bar.set_postfix_str(plan.name)
             outcomes.append(execute_run(plan, ctx.spec, ctx.runs_dir, ctx.device, progress=False,
-                                        train_command=train_command))
+                                        train_command=train_command, isolate_evaluation=isolate_evaluation))
             bar.update(1)
     return outcomes
 
@@ -80,34 +85,83 @@ def run_torchrun(ctx: SweepContext, plans: list[Any]) -> list[dict[str, Any]]:
         raise UserError(f"executor.nproc_per_node must be >= 1, got {nproc}")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "mage_bench.cli"]
-    return _one_after_another(ctx, plans, train_command=command)
+    return _one_after_another(ctx, plans, train_command=command, isolate_evaluation=True)
 
 
 def run_slurm(ctx: SweepContext, plans: list[Any]) -> list[dict[str, Any]]:
+    """A training job per run (all submitted at once), each followed, once it succeeded, by its one-task
+    evaluation job; outcomes in plan order, as the other executors."""
     try:
         import submitit
     except ImportError:
         raise UserError("the slurm executor needs submitit: pip install 'mage-bench[slurm]'") from None
+    from submitit.helpers import as_completed
+
     options = ctx.spec.executor.slurm
-    executor = submitit.AutoExecutor(folder=str(ctx.runs_dir / SHARED_DIR / "submitit"), cluster=options.cluster)
-    executor.update_parameters(name=f"mage-{ctx.spec.name}", timeout_min=options.timeout_min, mem_gb=options.mem_gb,
-                               gpus_per_node=options.gpus_per_node, tasks_per_node=options.tasks,
-                               cpus_per_task=options.cpus_per_task, nodes=options.nodes,
-                               slurm_partition=options.partition)
-    todo = [plan for plan in plans if not (ctx.runs_dir / plan.name / DONE_FILE).is_file()]
-    outcomes = {plan.name: {"run": plan.name, "status": "done", "skipped": True} for plan in plans if plan not in todo}
+    training = _slurm_executor(submitit, ctx, "", nodes=options.nodes, tasks=options.tasks,
+                               gpus=options.gpus_per_node)
+    evaluation = _slurm_executor(submitit, ctx, "-eval", nodes=1, tasks=1, gpus=min(options.gpus_per_node, 1))
+    outcomes = {plan.name: {"run": plan.name, "status": "done", "skipped": True}
+                for plan in plans if (ctx.runs_dir / plan.name / DONE_FILE).is_file()}
+    todo = [plan for plan in plans if plan.name not in outcomes]
     # The device is chosen on the node that runs the job ("auto" there), not here.
-    jobs = [(plan, executor.submit(RunTask(), plan, ctx.spec, ctx.runs_dir, ctx.spec.eval.device)) for plan in todo]
+    device = ctx.spec.eval.device
+    evaluating: list[tuple[Any, dict[str, Any], Any]] = []  # (plan, its training outcome, evaluation job)
+
+    def evaluate(plan: Any, trained: dict[str, Any]) -> None:
+        job = sweep_evaluation(ctx.runs_dir / plan.name, ctx.spec, ctx.runs_dir, device)
+        evaluating.append((plan, trained, evaluation.submit(EvaluateTask(), job)))
+
     with _bar(ctx, len(plans)) as bar:
         bar.update(len(outcomes))
-        for plan, job in jobs:
-            try:
-                outcomes[plan.name] = job.results()[0]  # rank 0's: the task that writes and evaluates
-            except Exception as exc:  # the job itself died (a task failed, node failure, out of requeues)
-                detail = str(exc).splitlines()[0] if str(exc) else repr(exc)
-                outcomes[plan.name] = {"run": plan.name, "status": "failed", "error": f"slurm job {job.job_id}: {detail}"}
+        jobs = {}  # job id -> (plan, training job)
+        for plan in todo:
+            if trained_already(ctx.runs_dir / plan.name):  # by an earlier invocation: only its evaluation
+                evaluate(plan, {"train_s": 0.0, "slurm_jobs": {}})
+            else:
+                job = training.submit(RunTask(), plan, ctx.spec, ctx.runs_dir, device)
+                jobs[job.job_id] = (plan, job)
+        # Each evaluation job is submitted as soon as its training job succeeded.
+        for job in as_completed([job for _, job in jobs.values()], poll_frequency=_poll_seconds(options)):
+            plan = jobs[job.job_id][0]
+            trained = _job_outcome(plan, job, "training")  # rank 0's: the task that writes
+            trained["slurm_jobs"] = {"train": job.job_id}
+            if trained["status"] == "trained":
+                evaluate(plan, trained)
+            else:
+                outcomes[plan.name] = trained
+                bar.update(1)
+        for plan, trained, job in evaluating:
+            evaluated = _job_outcome(plan, job, "evaluation")
+            outcomes[plan.name] = {**evaluated, "train_s": trained.get("train_s", 0.0),
+                                   "slurm_jobs": {**trained["slurm_jobs"], "evaluate": job.job_id}}
             bar.update(1)
-    return [outcomes[plan.name] for plan in plans]  # in plan order, as the other executors
+    return [outcomes[plan.name] for plan in plans]
+
+
+def _slurm_executor(submitit: Any, ctx: SweepContext, suffix: str, nodes: int, tasks: int, gpus: int) -> Any:
+    """A submitit executor for the sweep's jobs of one kind; the spec's partition, CPUs, memory and time."""
+    options = ctx.spec.executor.slurm
+    executor = submitit.AutoExecutor(folder=str(ctx.runs_dir / SHARED_DIR / "submitit"), cluster=options.cluster)
+    executor.update_parameters(name=f"mage-{ctx.spec.name}{suffix}", timeout_min=options.timeout_min,
+                               mem_gb=options.mem_gb, gpus_per_node=gpus, tasks_per_node=tasks,
+                               cpus_per_task=options.cpus_per_task, nodes=nodes, slurm_partition=options.partition)
+    return executor
+
+
+def _poll_seconds(options: Any) -> float:
+    """How often to ask whether training jobs ended: often on this machine, gently towards Slurm."""
+    return 1.0 if options.cluster in ("local", "debug") else 15.0
+
+
+def _job_outcome(plan: Any, job: Any, stage: str) -> dict[str, Any]:
+    """The outcome the job returned (rank 0's), or a failure naming the job when the job itself died
+    (a task failed, node failure, out of requeues)."""
+    try:
+        return dict(job.results()[0])
+    except Exception as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        return {"run": plan.name, "status": "failed", "error": f"slurm {stage} job {job.job_id}: {detail}"}
 
 
 EXECUTORS.register("local")(Executor(run_local, processes=lambda options: 1))

@@ -22,7 +22,12 @@ from mage_bench.config import to_dict
 from mage_bench.confounds import check_confounds, format_table
 from mage_bench.errors import UserError
 from mage_bench.executors import EXECUTORS, SweepContext
-from mage_bench.run_job import evaluate_run_folder
+from mage_bench.run_job import (
+    GENERATION_FLAGS,
+    check_evaluation_inputs,
+    evaluate_run_folder,
+    release_accelerator_memory,
+)
 from mage_bench.runs import (
     CHECKPOINT_FILE,
     DONE_FILE,
@@ -116,13 +121,13 @@ def compute_references(ctx: SweepContext, plans: list[RunPlan]) -> None:
         other = "test" if spec.eval.real_split == "train" else "train"
         heldout = dataset_reference(first.data, other, ctx.cache, ctx.progress).folder
         records = evaluate_generation(heldout, first.data.name, dataclasses.replace(settings, num_samples=None),
-                                      ("fid", "isc", "kid"), cache_dir=ctx.cache, progress=ctx.progress,
+                                      GENERATION_FLAGS, cache_dir=ctx.cache, progress=ctx.progress,
                                       sweep=spec.name)
         atomic_write_json(real_file, [{**r, "run": REAL_HELDOUT_RUN.format(split=other)} for r in records])
     untrained = folder / UNTRAINED_RUN
     if not (untrained / DONE_FILE).is_file():
         save_initial_checkpoint(first, untrained)
-        evaluate_run_folder(untrained, spec, ctx.cache, ctx.device, ctx.progress)
+        evaluate_run_folder(untrained, spec.eval, spec.name, ctx.cache, ctx.device, ctx.progress)
         atomic_write_text(untrained / DONE_FILE, "{}\n")
     ctx.timings["references_s"] = time.perf_counter() - tic
 
@@ -207,7 +212,7 @@ def check_resumable_launch(run_dir: Path, spec: SweepSpec) -> None:
                         f"resume it with {recorded} processes (executor settings), or delete it to start over")
 
 
-def dry_run_table(ctx: SweepContext, plans: list[RunPlan]) -> str:
+def dry_run_table(ctx: SweepContext, plans: list[RunPlan], weights: list[str] | None = None) -> str:
     rows = [("run", "point", "seed", "status")]
     rows += [(p.name, p.point, str(p.seed), run_status(ctx.runs_dir, p)) for p in plans]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -223,6 +228,8 @@ def dry_run_table(ctx: SweepContext, plans: list[RunPlan]) -> str:
     lines += ["", format_table(ctx.differs), "", launch_line(ctx.spec, plans[0].config)]
     lines += ["", f"would execute: {pending} of {len(plans)} runs with the {ctx.spec.executor.name} executor; "
               f"tokenizer {tokenizer} ({tok_state}); report to {ctx.report_dir}"]
+    if weights:
+        lines.append(f"FID extractor weights: {'; '.join(weights)}")
     return "\n".join(lines)
 
 
@@ -250,7 +257,8 @@ def write_sweep_file(ctx: SweepContext, plans: list[RunPlan], outcomes: list[dic
         timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
         runs.append({**plan.meta(ctx.spec), "status": outcome["status"], "error": outcome.get("error"),
                      "skipped": outcome.get("skipped", False), "timing": timing,
-                     "launch": read_launch(ctx.runs_dir / plan.name)})
+                     "launch": read_launch(ctx.runs_dir / plan.name),
+                     **({"slurm_jobs": outcome["slurm_jobs"]} if outcome.get("slurm_jobs") else {})})
     previous = ctx.runs_dir / SWEEP_FILE
     timings = dict(ctx.timings)
     if previous.is_file():  # a resumed sweep keeps the first measurement of its shared work
@@ -303,8 +311,11 @@ def run_sweep(name_or_path: str, preset: str | None = None, executor: str | None
     plans = expand(spec, tokenizer)
     ctx.differs = check_confounds(spec, plans)  # refuses an undeclared difference before anything runs
     check_existing_runs(runs, plans, spec)
+    # The extractor weights and backend of every evaluation, checked where the sweep is launched (the
+    # Slurm jobs too): an offline node must not find a missing file after training.
+    weights = check_evaluation_inputs(spec.eval, [plan.config.data.name for plan in plans], dry_run)
     if dry_run:
-        return {"dry_run": True, "table": dry_run_table(ctx, plans), "runs": [p.meta(spec) for p in plans],
+        return {"dry_run": True, "table": dry_run_table(ctx, plans, weights), "runs": [p.meta(spec) for p in plans],
                 "differs": ctx.differs}
     # Slurm jobs choose their device on their node; everything else runs here and needs it here.
     ctx.device = resolve_device(spec.eval.device) if spec.executor.name != "slurm" else "cpu"
@@ -314,6 +325,9 @@ def run_sweep(name_or_path: str, preset: str | None = None, executor: str | None
     prepare_tokenizer(ctx)
     if spec.eval.references:
         compute_references(ctx, plans)
+    # What the tokenizer and the references cached on the GPU is not kept while runs train there in
+    # other processes (torchrun).
+    release_accelerator_memory()
     outcomes = run_executor.run(ctx, plans)
     # The breakdown of this invocation: shared work, then the per-run stages summed over runs done now.
     for stage in ("train_s", "generation_s", "evaluation_s"):

@@ -356,12 +356,20 @@ def test_slurm_executor_through_submitit_local(tmp_path, tiny_tokenizer_dir, dig
     assert [(r["run"] == first, r["skipped"]) for r in runs] == [(True, False), (False, True)]
 
 
-def test_torchrun_executor_trains_with_two_processes(tmp_path, tiny_tokenizer_dir, digits_cnn):
+def test_torchrun_executor_trains_with_two_processes(tmp_path, tiny_tokenizer_dir, digits_cnn, monkeypatch):
+    """Training under torchrun, evaluation in a subprocess of its own: never in the sweep's process, where
+    the GPU memory it cached would stay while the next run trains."""
+    from mage_bench import run_job
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("a run was evaluated in the sweep's process")
+
+    monkeypatch.setattr(run_job, "evaluate_stage", not_here)
     path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, points=[{"label": "a", "value": "cosine:min=0.5,max=1.0"}],
                       executor={"name": "torchrun", "nproc_per_node": 2})
     assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
     run = next((tmp_path / "runs").glob("a-*-s0"))
-    assert (run / "DONE").is_file()
+    assert (run / "DONE").is_file() and len(list((run / "eval").glob("*.json"))) == 4
     from mage_bench.runs import load_run
 
     assert load_run(run).step == 6
