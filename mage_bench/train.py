@@ -437,7 +437,8 @@ class WindowedSteps:
         self.trainer = trainer
         self.keys: list[str] | None = None
         self.sums: torch.Tensor | None = None  # [len(keys)] on the device
-        self.mask_ratio, self.window_steps, self.window_start, self.lr = 0.0, 0, 0, 0.0
+        self.mask_ratio: torch.Tensor | float = 0.0  # sum over the window (the ratios live on the host)
+        self.window_steps, self.window_start, self.lr = 0, 0, 0.0
 
     def train_step(self, step: int) -> None:
         losses, ratios = self.trainer.forward_backward(step)
@@ -449,7 +450,7 @@ class WindowedSteps:
             self.sums, self.window_start = values, step
         else:
             self.sums = self.sums + values
-        self.mask_ratio += float(ratios.mean())  # the ratios live on the host
+        self.mask_ratio = self.mask_ratio + ratios.double().mean()  # read with the losses, in `log_record`
         self.window_steps += 1
 
     def _window_means(self) -> dict[str, float]:
@@ -464,7 +465,7 @@ class WindowedSteps:
     def log_record(self, step: int, time_s: float) -> dict[str, Any]:
         means = self._window_means() if self.window_steps else {}
         record = {"step": step, "epoch": self.trainer.stream.epoch, "lr": self.lr, **means,
-                  "mask_ratio": self.mask_ratio / max(self.window_steps, 1), "time_s": round(time_s, 3)}
+                  "mask_ratio": float(self.mask_ratio) / max(self.window_steps, 1), "time_s": round(time_s, 3)}
         self.sums, self.mask_ratio, self.window_steps = None, 0.0, 0
         return record
 
