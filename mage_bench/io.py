@@ -25,6 +25,14 @@ from mage_bench.errors import CheckpointError
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary sibling of `path` for writing; on success fsync and rename it onto `path`."""
+    with _staged(path, mode, os.replace) as handle:
+        yield handle
+
+
+@contextlib.contextmanager
+def _staged(path: str | os.PathLike, mode: str, publish: Any) -> Iterator[IO]:
+    """Write a temporary sibling of `path`, fsync it, then `publish(tmp, path)`; the temporary file never
+    outlives the call."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -34,11 +42,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results and reports are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
+        publish(tmp, str(path))
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
 
 
 def atomic_npy_save(path: str | os.PathLike, array: Any) -> None:
@@ -251,25 +258,18 @@ def atomic_create(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Like `atomic_open`, for a file whose content is a function of its name (a cache entry): publishing
     is first-writer-wins. When another process published `path` while this one was writing, the copy
     written here is discarded and theirs is kept, so every reader of the name sees one and the same file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with _staged(path, mode, _publish_first) as handle:
+        yield handle
+
+
+def _publish_first(tmp: str, path: str) -> None:
     try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        try:
-            os.link(tmp, path)  # atomic and refuses an existing name, unlike os.replace
-        except FileExistsError:
-            pass  # published first by another process: keep theirs
-        except OSError:  # a file system without hard links: replacing is still atomic, only not first-wins
-            if not path.exists():
-                os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        os.link(tmp, path)  # atomic and refuses an existing name, unlike os.replace
+    except FileExistsError:
+        pass  # published first by another process: keep theirs
+    except OSError:  # a file system without hard links: replacing is still atomic, only not first-wins
+        if not os.path.exists(path):
+            os.replace(tmp, path)
 
 
 def fsync_folder(folder: str | os.PathLike) -> None:
