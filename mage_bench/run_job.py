@@ -70,8 +70,9 @@ def sweep_evaluation(run_dir: Path, spec: Any, runs_dir: Path, device: str) -> E
 
 def check_evaluation_inputs(settings: Any, reals: Iterable[str], dry_run: bool = False) -> list[str]:
     """The FID extractor weights of each real side (data set) the sweep evaluates against, resolved with
-    the backend and metric flags before anything runs (no download, no run loaded); a `UserError` naming
-    the missing file otherwise. Returns the weights, for the dry run to show.
+    the backend and metric flags before anything runs (no run loaded; downloaded now when missing and
+    possible, never in a dry run); a `UserError` naming the missing file otherwise. Returns the weights,
+    for the dry run to show.
 
     digits-cnn weights are trained locally on first use (~15 s, no network): a dry run only says so."""
     from mage_bench.eval.extractors import DIGITS_CNN_DIR, DIGITS_CNN_FILE
@@ -83,11 +84,12 @@ def check_evaluation_inputs(settings: Any, reals: Iterable[str], dry_run: bool =
         if dry_run and default_digits_cnn and not (DIGITS_CNN_DIR / DIGITS_CNN_FILE).is_file():
             weights.append(f"{DIGITS_CNN_DIR / DIGITS_CNN_FILE} (digits-cnn: trained there on first use)")
         else:
-            try:
-                weights.append(str(check_generation_inputs(settings, real, GENERATION_FLAGS)))
+            try:  # a dry run fetches nothing; a real sweep downloads missing weights now, before any training
+                weights.append(str(check_generation_inputs(settings, real, GENERATION_FLAGS,
+                                                           allow_download=not dry_run)))
             except UserError as exc:  # the message speaks of `eval fid`'s flags; a sweep sets the spec's keys
                 raise UserError(f"{exc} (in a sweep spec: eval.weights, readable where the sweep is launched; "
-                                "a sweep never downloads)") from None
+                                "the sweep itself downloads them before its first run when it can)") from None
     return list(dict.fromkeys(weights))
 
 
