@@ -94,12 +94,13 @@ def bench_model(name: str, batch_size: int, steps: int, device: torch.device, pe
     from torch.utils.flop_counter import FlopCounterMode
 
     from mage_bench.config import RunConfig, from_dict
-    from mage_bench.mage.masking import sample_token_masks
+    from mage_bench.mage.masking import rank_token_masks
     from mage_bench.mage.model import MAGE
     from mage_bench.train import MageObjective, param_groups
 
     torch.set_flush_denormal(True)
-    config = from_dict(RunConfig, {"model": {"name": name, **(overrides or {})}})
+    # The official drop share, set: the objective then knows the encoder length, as in training (no host sync).
+    config = from_dict(RunConfig, {"model": {"name": name, **(overrides or {})}, "masking": {"mask_ratio_min": 0.5}})
     torch.manual_seed(0)
     objective = MageObjective(MAGE(config.model), config).to(device).train()
     optimizer = torch.optim.AdamW(param_groups(objective, 0.05), lr=1e-4, betas=(0.9, 0.95))
@@ -108,10 +109,11 @@ def bench_model(name: str, batch_size: int, steps: int, device: torch.device, pe
     masking = config.masking.distribution
     amp = device.type == "cuda"
 
-    def batch():
+    def batch(step: int):
         tokens = torch.randint(0, config.model.codebook_size, (batch_size, L), generator=g)
-        mask, drop = sample_token_masks(masking.sample(1, g).expand(batch_size), L, 0.5, g)
-        return tokens.to(device), mask.to(device), drop.to(device)
+        ratios = masking.sample(1, g).expand(batch_size).to(device)
+        mask, drop = rank_token_masks(ratios, L, 0.5, seed=0, step=step, view=0, first_row=0)  # as training draws
+        return tokens.to(device), mask, drop
 
     def step(tokens, mask, drop):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -120,7 +122,7 @@ def bench_model(name: str, batch_size: int, steps: int, device: torch.device, pe
         loss.backward()
         optimizer.step()
 
-    batches = [batch() for _ in range(steps + 3)]
+    batches = [batch(step) for step in range(steps + 3)]
     drop_count = batches[0][2][0].sum()
     counter = FlopCounterMode(display=False)
     with counter:

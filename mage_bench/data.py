@@ -51,6 +51,21 @@ def dataset_identity(dataset: Any) -> str:
     return identity
 
 
+# Data settings that do not change an image's pixels: left out of cache keys, so e.g. another worker
+# count reuses the same features and reference.
+NOT_PIXELS = ("num_workers", "download")
+
+
+def pixel_settings(config: DataConfig) -> dict[str, Any]:
+    """The data settings that make an image's pixels, for cache keys: the typed name reduced to its kind
+    (`imagefolder:data/x` -> `imagefolder`), since `dataset_identity` holds the resolved path."""
+    from mage_bench.config import to_dict
+
+    settings = {k: v for k, v in to_dict(config).items() if k not in NOT_PIXELS}
+    settings["name"] = DatasetSpec.parse(config.name).name
+    return settings
+
+
 def is_in_memory(config: DataConfig) -> bool:
     return DatasetSpec.parse(config.name).name in IN_MEMORY
 
@@ -181,12 +196,13 @@ class ImageFolderDataset:
         return self.transform(image), label
 
 
-def _list_images(folder: Path) -> list[Path]:
-    """The images directly in `folder`, sorted. `os.scandir` knows each entry's type from the directory
-    listing itself, so 1.28M ImageNet files cost no stat call each (every rank lists them at start-up)."""
+def list_files(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    """The files directly in `folder` with one of `suffixes` (lower case, with the dot), sorted.
+    `os.scandir` knows each entry's type from the directory listing itself, so 1.28M ImageNet files (or
+    a 50k-PNG reference) cost no stat call each (every rank lists them at start-up)."""
     with os.scandir(folder) as entries:
         return sorted(Path(e.path) for e in entries
-                      if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES)
+                      if e.is_file() and os.path.splitext(e.name)[1].lower() in suffixes)
 
 
 def _subfolders(folder: Path) -> list[str]:
@@ -224,7 +240,7 @@ def _imagefolder(argument: str | None, config: DataConfig, split: str, train_tra
                             "both splits need the same classes")
     samples: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):
-        images = _list_images(split_dir / name)
+        images = list_files(split_dir / name)
         if not images:
             raise DataError(f"class folder {split_dir / name} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         samples.extend((path, label) for path in images)

@@ -106,6 +106,12 @@ def build_records(context: RecordContext, metrics: tuple[Metric, ...], rows: lis
 
 
 def write_records(path: str | Path, records: list[ResultRecord]) -> None:
+    """Write a records file atomically. Its inputs file (`runs.records_inputs_file`), if any, is removed
+    first: whoever writes records (a sweep, `eval fid`, `bench eval`), an old inputs file must never
+    vouch for new records; `eval.runner` writes the new one after the records."""
+    from mage_bench.runs import records_inputs_file
+
+    records_inputs_file(Path(path)).unlink(missing_ok=True)
     atomic_write_json(path, [r.as_dict() for r in records])
 
 

@@ -157,7 +157,7 @@ def train_stage(plan: Any, spec: Any, run_dir: Path, train_command: list[str] | 
 
 def trained_already(run_dir: Path) -> bool:
     """Whether the training stage finished (its time is recorded) and only evaluation may be missing."""
-    return "train_s" in _read_timing(run_dir)
+    return "train_s" in read_timing(run_dir)
 
 
 def _leave_process_group() -> None:
@@ -221,7 +221,7 @@ def evaluate_stage(job: EvaluationJob, progress: bool = False) -> dict[str, Any]
     if (run_dir / DONE_FILE).is_file():  # e.g. a requeued job whose first attempt had finished
         return {"run": run_dir.name, "status": "done", "skipped": True}
     (run_dir / FAILED_FILE).unlink(missing_ok=True)
-    timing = _read_timing(run_dir)
+    timing = read_timing(run_dir)
     try:
         device = resolve_device(job.device)
         timing.update(evaluate_run_folder(run_dir, job.settings, job.sweep, job.cache, device, progress))
@@ -262,7 +262,7 @@ def evaluate_subprocess(job: EvaluationJob) -> dict[str, Any]:
     code = subprocess.run(command, check=False).returncode
     run_dir = job.run_dir
     if (run_dir / DONE_FILE).is_file():
-        timing = _read_timing(run_dir)
+        timing = read_timing(run_dir)
         return {"run": run_dir.name, "status": "done", "skipped": False,
                 **{key: timing.get(key, 0.0) for key in EVALUATION_STAGES}}
     error = _read_json(run_dir / FAILED_FILE).get("error")
@@ -326,7 +326,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _read_timing(run_dir: Path) -> dict[str, float]:
+def read_timing(run_dir: Path) -> dict[str, float]:
+    """A run's stage times (timing.json; {} before training finished)."""
     return _read_json(run_dir / TIMING_FILE)
 
 

@@ -14,6 +14,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
 EVAL_DIR = "eval"  # result records, one NAME.json per evaluator
+EVAL_INPUTS_DIR = "inputs"  # eval/inputs/NAME.json: what eval/NAME.json was computed from (`eval.runner` resume)
 SAMPLES_DIR = "samples"
 DONE_FILE = "DONE"
 LAUNCH_FILE = "launch.json"  # how it was trained: processes (world size), batch per process, global batch, lr
@@ -82,3 +83,9 @@ def resolve_device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible")
     return name
+
+
+def records_inputs_file(records_file: Path) -> Path:
+    """Where the inputs of a records file are kept: RUN/eval/NAME.json -> RUN/eval/inputs/NAME.json (outside
+    RUN/eval/*.json, which readers take for result records)."""
+    return Path(records_file).parent / EVAL_INPUTS_DIR / Path(records_file).name

@@ -26,7 +26,9 @@ from mage_bench.run_job import (
     GENERATION_FLAGS,
     check_evaluation_inputs,
     evaluate_run_folder,
+    read_timing,
     release_accelerator_memory,
+    trained_already,
 )
 from mage_bench.runs import (
     CHECKPOINT_FILE,
@@ -38,7 +40,6 @@ from mage_bench.runs import (
     RUN_META,
     SHARED_DIR,
     SWEEP_FILE,
-    TIMING_FILE,
     UNTRAINED_RUN,
     read_launch,
 )
@@ -173,12 +174,14 @@ def densities(spec: SweepSpec, plans: list[RunPlan]) -> dict[str, dict[str, Any]
 
 
 def run_status(runs_dir: Path, plan: RunPlan) -> str:
-    """done | failed | partial (step N) | todo, from what is on disk."""
+    """done | failed | trained (evaluation left) | partial | todo, from what is on disk."""
     folder = runs_dir / plan.name
     if (folder / DONE_FILE).is_file():
         return "done"
     if (folder / FAILED_FILE).is_file():
         return "failed (will retry)"
+    if trained_already(folder):
+        return "trained (evaluates)"
     if (folder / CHECKPOINT_FILE).is_file():
         return "partial (resumes)"
     return "todo"
@@ -200,9 +203,12 @@ def check_existing_runs(runs_dir: Path, plans: list[RunPlan], spec: SweepSpec) -
 
 
 def check_resumable_launch(run_dir: Path, spec: SweepSpec) -> None:
-    """A partly trained run resumes only with the processes it started with (global batch and lr)."""
+    """A partly trained run resumes only with the processes it started with (global batch and lr); a
+    trained one has only its one-process evaluation left, on any executor."""
     launch = read_launch(run_dir)
     if (run_dir / DONE_FILE).is_file() or not (run_dir / CHECKPOINT_FILE).is_file() or launch is None:
+        return
+    if trained_already(run_dir):
         return
     recorded = launch.get("world_size")
     planned = EXECUTORS.get(spec.executor.name).processes(spec.executor)
@@ -253,10 +259,8 @@ def write_sweep_file(ctx: SweepContext, plans: list[RunPlan], outcomes: list[dic
     for plan, outcome in zip(plans, outcomes, strict=True):
         if outcome["run"] != plan.name:
             raise RuntimeError(f"executor returned {outcome['run']} where {plan.name} was expected")
-        timing_path = ctx.runs_dir / plan.name / TIMING_FILE
-        timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
         runs.append({**plan.meta(ctx.spec), "status": outcome["status"], "error": outcome.get("error"),
-                     "skipped": outcome.get("skipped", False), "timing": timing,
+                     "skipped": outcome.get("skipped", False), "timing": read_timing(ctx.runs_dir / plan.name),
                      "launch": read_launch(ctx.runs_dir / plan.name),
                      **({"slurm_jobs": outcome["slurm_jobs"]} if outcome.get("slurm_jobs") else {})})
     previous = ctx.runs_dir / SWEEP_FILE

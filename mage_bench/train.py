@@ -13,7 +13,8 @@ straight == N/2 + resume N/2 bitwise on CPU, and 2 processes x batch B match 1 p
 (dropout off, `masking.per: batch`; under the default per-process ratios each rank's rows get their
 own ratio, as officially).
 
-Host syncs: a step reads no value of a device tensor. The losses are summed on the device and read,
+Host syncs: a step reads no value of a device tensor (in fp32 and bf16; fp16's GradScaler reads its
+overflow check). The losses are summed on the device and read,
 reduced over processes and checked for non-finite values once per log record and before each
 checkpoint; the encoder's length comes from the config, not from the drop mask.
 

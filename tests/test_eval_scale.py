@@ -289,3 +289,17 @@ def test_evaluate_all_resume_skips_fid_with_matching_inputs(run, counted, monkey
     assert flags_seen == [("fid",)]  # fid not recomputed either
     evaluate_all(run, FAST, flags=("fid", "kid"), sweep="s", resume=True)  # other metric flags: fid again only
     assert flags_seen == [("fid",), ("fid", "kid")]
+
+
+def test_writing_records_removes_their_inputs_file(tmp_path):
+    """Whoever rewrites RUN/eval/NAME.json (`eval fid` on a sweep run, say), the old inputs file no longer
+    vouches for it, so a later resume recomputes instead of reading back records of other inputs."""
+    from mage_bench.results import write_records
+    from mage_bench.runs import records_inputs_file
+
+    records = tmp_path / "eval" / "fid.json"
+    inputs = records_inputs_file(records)
+    inputs.parent.mkdir(parents=True)
+    inputs.write_text("{}")
+    write_records(records, [])
+    assert records.is_file() and not inputs.exists()

@@ -33,7 +33,9 @@ LAYER, POOLING, TRANSFORM = "last_block", "mean_tokens_ln", "eval_resize_center_
 
 def cache_key(checkpoint_sha256: str, data: DataConfig, split: str, identity: str) -> str:
     """The cache name of a split's features; `identity` is `data.dataset_identity` of that split."""
-    spec = {"checkpoint": checkpoint_sha256, "data": to_dict(data), "identity": identity, "split": split,
+    from mage_bench.data import pixel_settings
+
+    spec = {"checkpoint": checkpoint_sha256, "data": pixel_settings(data), "identity": identity, "split": split,
             "transform": TRANSFORM, "layer": LAYER, "pooling": POOLING, "version": FEATURE_VERSION}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 

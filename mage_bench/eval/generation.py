@@ -112,13 +112,10 @@ def generate_run_samples(run: Any, num: int, device: str, progress: bool = False
 
 
 def real_images(plan: GenerationPlan, real: str, fake: ImageSet, progress: bool) -> tuple[ImageSet, str, str]:
-    """(the real side, its `dataset` field, its `split` field): a folder, or a data set's split as PNGs."""
-    from mage_bench.data import DATASETS, DatasetSpec
-
+    """(the real side, its `dataset` field, its `split` field): a folder, or a data set's split as PNGs
+    (`real` was checked to be one or the other by `plan_generation`)."""
     if Path(real).is_dir():
         return scan_folder(real), str(real), "folder"
-    if DatasetSpec.parse(real).name not in DATASETS:
-        raise UserError(f"--real {real!r} is neither a folder nor a data set ({', '.join(DATASETS.names())})")
     if plan.run is not None:  # the run's own image size, split and crop; only the data set may differ
         data = dataclasses.replace(plan.run.config.data, name=real)
     else:

@@ -40,7 +40,9 @@ class ImageSet:
 
 def list_images(folder: Path) -> list[Path]:
     """The images torch-fidelity and clean-fid would read: png/jpg/jpeg directly in `folder`, sorted."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    from mage_bench.data import list_files
+
+    return list_files(folder, tuple(f".{extension}" for extension in IMAGE_EXTENSIONS))
 
 
 def scan_folder(folder: str | Path, description: str | None = None) -> ImageSet:
@@ -75,20 +77,12 @@ def scan_folder(folder: str | Path, description: str | None = None) -> ImageSet:
     return ImageSet(folder, tuple(files), len(files), next(iter(sizes)), identity, description or str(folder))
 
 
-# Data settings that do not change the reference's pixels: left out of its key, so e.g. another worker
-# count reuses the same folder.
-_NOT_PIXELS = ("num_workers", "download")
-
-
 def reference_spec(data: Any, split: str, dataset: Any) -> str:
     """What a reference folder (and every statistic of it) is keyed on, as canonical JSON: the data settings
     that change pixels, the split, the view, and the data set's identity in place of the path as typed."""
-    from mage_bench.config import to_dict
-    from mage_bench.data import DatasetSpec, dataset_identity
+    from mage_bench.data import dataset_identity, pixel_settings
 
-    settings = {k: v for k, v in to_dict(data).items() if k not in _NOT_PIXELS}
-    settings["name"] = DatasetSpec.parse(data.name).name  # the typed path: resolved inside the identity
-    return json.dumps({"data": settings, "split": split, "view": "eval_resize_center_crop",
+    return json.dumps({"data": pixel_settings(data), "split": split, "view": "eval_resize_center_crop",
                        "identity": dataset_identity(dataset)}, sort_keys=True)
 
 

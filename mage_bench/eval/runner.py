@@ -10,7 +10,8 @@ them to RUN/eval/NAME.json; `evaluate_all` adds the generation metrics (`eval/ge
 Resuming (`resume=True`): next to each NAME.json, RUN/eval/inputs/NAME.json records what the records were
 computed from (the checkpoint's sha256, the run's config hash, run and sweep names, the data config and
 the data sets' identities, and the evaluator's own settings: `Evaluator.settings`), written after the
-records and removed before they are recomputed. An evaluator whose records and matching inputs exist is
+records; writing records removes it (`results.write_records`, whoever writes them: `eval fid` too), so it
+never vouches for records made from other inputs. An evaluator whose records and matching inputs exist is
 not run again; its records are read back. The inputs live in a subfolder because everything matching
 RUN/eval/*.json is read as result records. The code version is not part of the inputs: after changing
 an evaluator's code, evaluate without `resume`.
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from mage_bench.config import DEFAULT_EVAL, DataConfig, EvalConfig, to_dict
+from mage_bench.config import DEFAULT_EVAL, DataConfig, EvalConfig
 from mage_bench.errors import UserError
 from mage_bench.eval import fewshot, knn, linear, linear_views
 from mage_bench.metrics import Metric
@@ -46,7 +47,6 @@ class Evaluator:
 EVALUATORS: Registry[Evaluator] = Registry("evaluator")
 EVAL_ALL = ("linear", "fewshot", "knn")  # `eval all`; the paper's LARS probes are asked for by name
 FEATURE_EXTRACTOR = "mage-probe"  # the run's own encoder, official probe feature
-INPUTS_DIR = "inputs"  # RUN/eval/inputs/NAME.json: what RUN/eval/NAME.json was computed from
 INPUTS_VERSION = 1  # bump when what the inputs name changes
 # The EvalConfig fields the generation records depend on (with the metric flags), for `evaluate_all`'s resume.
 GENERATION_SETTINGS = ("num_samples", "real_split", "extractor", "weights", "backend")
@@ -170,7 +170,6 @@ def evaluate_run(run_dir: str | Path | Any, names: list[str], settings: EvalConf
                                     settings.feature_batch_size(data.image_size))
     for name in todo:
         evaluator = EVALUATORS.get(name)
-        forget_inputs(run, name)  # records about to change: a crash before the new inputs leaves none
         if evaluator.on_run:
             rows, n_test = evaluator.compute(run, data, config.seed, settings, device, progress)
         else:
@@ -212,8 +211,10 @@ def evaluation_inputs(run: Any, name: str, data: DataConfig, identities: dict[st
                       sweep: str | None, run_hash: str, fields: tuple[str, ...],
                       **extra: Any) -> dict[str, Any]:
     """Everything evaluator `name`'s records on `run` depend on, as JSON-ready values (see the module doc)."""
+    from mage_bench.data import pixel_settings
+
     return {"version": INPUTS_VERSION, "evaluator": name, "checkpoint_sha256": run.checkpoint_sha256,
-            "config_hash": run_hash, "run": run.path.name, "sweep": sweep, "data": to_dict(data),
+            "config_hash": run_hash, "run": run.path.name, "sweep": sweep, "data": pixel_settings(data),
             "datasets": identities, "settings": {f: getattr(settings, f) for f in fields}, **extra}
 
 
@@ -232,11 +233,10 @@ def records_path(run: Any, name: str) -> Path:
 
 
 def inputs_path(run: Any, name: str) -> Path:
-    """RUN/eval/inputs/NAME.json, what RUN/eval/NAME.json was computed from (outside RUN/eval/*.json, which
-    readers take for result records)."""
-    from mage_bench.runs import EVAL_DIR
+    """RUN/eval/inputs/NAME.json, what RUN/eval/NAME.json was computed from."""
+    from mage_bench.runs import records_inputs_file
 
-    return run.path / EVAL_DIR / INPUTS_DIR / f"{name}.json"
+    return records_inputs_file(records_path(run, name))
 
 
 def inputs_match(run: Any, name: str, inputs: dict[str, Any]) -> bool:
@@ -258,11 +258,6 @@ def remember_inputs(run: Any, name: str, inputs: dict[str, Any]) -> None:
     from mage_bench.io import atomic_write_json
 
     atomic_write_json(inputs_path(run, name), {"digest": _inputs_digest(inputs), "inputs": inputs})
-
-
-def forget_inputs(run: Any, name: str) -> None:
-    """Remove NAME's inputs file before its records are rewritten, so it never describes other records."""
-    inputs_path(run, name).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +293,6 @@ def evaluate_all(run_dir: str | Path | Any, settings: EvalConfig = DEFAULT_EVAL,
     if resume and inputs_match(run, name, inputs):
         written[name] = read_records(records_path(run, name))
         return written
-    forget_inputs(run, name)  # evaluate_generation rewrites RUN/eval/fid.json
     written[name] = generation.evaluate_generation(run, data.name, settings, flags, cache_dir=cache_dir,
                                                    progress=progress, sweep=sweep, samples=samples)
     remember_inputs(run, name, inputs)

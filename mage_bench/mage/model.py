@@ -231,16 +231,23 @@ class MAGE(nn.Module):
             return
         counts = drop.sum(1)
         expected = counts[0] if n_drop is None else n_drop
-        _check_values((drop & ~mask).any().logical_not(), "drop must be a subset of mask")
-        _check_values((counts == expected).all(),
-                      "every row must drop the same number of tokens (a fixed encoder length)"
-                      + ("" if n_drop is None else f", here {n_drop}"))
+        # With `n_drop` given (training, masks made by `masking`), the checks run on the device and the
+        # host never waits; otherwise (generation, callers' own masks) the host reads the drop count anyway.
+        check = _check_on_device if n_drop is not None else _check_now
+        check((drop & ~mask).any().logical_not(), "drop must be a subset of mask")
+        check((counts == expected).all(), "every row must drop the same number of tokens (a fixed encoder length)"
+              + ("" if n_drop is None else f", here {n_drop}"))
 
 
-def _check_values(condition: torch.Tensor, message: str) -> None:
-    """Raise ValueError(message) unless the 0-d bool tensor `condition` holds, without the host waiting
-    for the device: `torch._assert_async` checks on the device (a GPU fails the step with a device-side
-    assert) and raises at once on the CPU."""
+def _check_now(condition: torch.Tensor, message: str) -> None:
+    if not bool(condition):
+        raise ValueError(message)
+
+
+def _check_on_device(condition: torch.Tensor, message: str) -> None:
+    """`_check_now` without the host waiting for the device: `torch._assert_async` checks on the device (a
+    failure there is a device-side assert, fatal to the process: only for masks made by our own code) and
+    raises at once on the CPU."""
     try:
         torch._assert_async(condition, message)
     except RuntimeError as exc:
