@@ -348,12 +348,16 @@ def test_slurm_executor_through_submitit_local(tmp_path, tiny_tokenizer_dir, dig
                  "--time-min", "15", "--mem-gb", "4"]) == 0
     assert len(list((tmp_path / "runs").glob("*/DONE"))) == 2
     assert list((tmp_path / "runs" / "_shared" / "submitit").glob("*_result.pkl"))
-    # Rerun with the first run's DONE removed: one job, the other run skipped, statuses in plan order.
+    # Rerun with the first run's DONE removed: the other run skipped, statuses in plan order; the trained
+    # run gets an evaluation job only, which recomputes nothing (its records' inputs match).
     first = json.loads((tmp_path / "runs" / "sweep.json").read_text())["runs"][0]["run"]
     (tmp_path / "runs" / first / "DONE").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs" / first / "eval").glob("*.json")}
     assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
     runs = json.loads((tmp_path / "runs" / "sweep.json").read_text())["runs"]
     assert [(r["run"] == first, r["skipped"]) for r in runs] == [(True, False), (False, True)]
+    assert runs[0]["slurm_jobs"].keys() == {"evaluate"} and (tmp_path / "runs" / first / "DONE").is_file()
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs" / first / "eval").glob("*.json")} == before
 
 
 def test_torchrun_executor_trains_with_two_processes(tmp_path, tiny_tokenizer_dir, digits_cnn, monkeypatch):
@@ -496,6 +500,11 @@ def test_slurm_tasks_train_one_ddp_run_equal_to_torchrun(tmp_path, tiny_tokenize
                                                                           "linear.json"]
     a, b = (safe_torch_load(runs[name] / "checkpoint.pt")["model"] for name in ("slurm", "torchrun"))
     assert all(torch.equal(a[key], b[key]) for key in a)  # the same DDP computation: bitwise equal
+    # Slurm: a 2-task training job, then the run's evaluation as a job of its own with one task.
+    jobs = json.loads((runs["slurm"].parent / "sweep.json").read_text())["runs"][0]["slurm_jobs"]
+    assert jobs.keys() == {"train", "evaluate"} and jobs["train"] != jobs["evaluate"]
+    results = runs["slurm"].parent / "_shared" / "submitit"
+    assert [len(list(results.glob(f"{jobs[stage]}_*_result.pkl"))) for stage in ("train", "evaluate")] == [2, 1]
 
     # A job killed after its checkpoint at step 3 (2 processes) and submitted again resumes there.
     spec_path = tmp_path / "slurm" / "micro.yaml"

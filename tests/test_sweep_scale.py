@@ -76,32 +76,6 @@ def test_local_rerun_skips_the_recorded_evaluators(tmp_path, tiny_tokenizer_dir,
     pd.testing.assert_frame_equal(results, _results(report))
 
 
-def test_slurm_trains_and_evaluates_in_separate_jobs(tmp_path, tiny_tokenizer_dir, digits_cnn):
-    """A 2-task training job, then a 1-task evaluation job; a rerun without DONE submits no training job
-    and its evaluation job recomputes nothing."""
-    executor = {"name": "slurm", "slurm": {**SLURM["slurm"], "tasks_per_node": 2}}
-    path = one_run_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, executor)
-    runs, report = tmp_path / "runs", tmp_path / "report"
-    assert main(["sweep", str(path), "--runs", str(runs), "--out", str(report)]) == 0
-    jobs = json.loads((runs / "sweep.json").read_text())["runs"][0]["slurm_jobs"]
-    assert jobs.keys() == {"train", "evaluate"} and jobs["train"] != jobs["evaluate"]
-    folder = runs / "_shared" / "submitit"
-
-    def tasks(job_id: str) -> list[str]:
-        return sorted(p.name for p in folder.glob(f"{job_id}_*_result.pkl"))
-
-    assert tasks(jobs["train"]) == [f"{jobs['train']}_0_result.pkl", f"{jobs['train']}_1_result.pkl"]
-    assert tasks(jobs["evaluate"]) == [f"{jobs['evaluate']}_0_result.pkl"]  # one task
-    run = next(runs.glob("a-*-s0"))
-    before, results = _mtimes(run), _results(report)
-    (run / "DONE").unlink()
-    assert main(["sweep", str(path), "--runs", str(runs), "--out", str(report)]) == 0
-    rerun = json.loads((runs / "sweep.json").read_text())["runs"][0]["slurm_jobs"]
-    assert rerun.keys() == {"evaluate"} and rerun["evaluate"] != jobs["evaluate"]
-    assert (run / "DONE").is_file() and _mtimes(run) == before
-    pd.testing.assert_frame_equal(results, _results(report))
-
-
 def test_the_evaluation_entry_point(tmp_path, capsys):
     from submitit.helpers import DelayedSubmission
 
