@@ -49,10 +49,11 @@ def probe_features(run: Any, images: Any) -> Any:
 
 def extract_features(run: str | Path | Any, data: DataConfig, split: str, batch_size: int | None = None,
                      device: str = "cpu", cache_dir: str | Path | None = None,
-                     progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+                     progress: bool = False, dataset: Any | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(features float32 [N, D] memory-mapped, labels int64 [N], info) for a run on a data split.
 
-    `run` is a run folder or a `LoadedRun` (pass one to extract several splits with one load).
+    `run` is a run folder or a `LoadedRun` (pass one to extract several splits with one load); `dataset`
+    the split's evaluation data set when the caller made it already (listing ImageNet takes seconds).
     `batch_size`: images per tokenizer + encoder call; None: sized by the image size
     (`EvalConfig.feature_batch_size`). `info["batch_size"]` says which was used (or None on a cache hit).
     """
@@ -65,7 +66,8 @@ def extract_features(run: str | Path | Any, data: DataConfig, split: str, batch_
     from mage_bench.runs import EVAL_DIR, LoadedRun, load_run
 
     loaded = run if isinstance(run, LoadedRun) else load_run(run, device)
-    dataset = create_dataset(data, split, train_transform=False)  # its identity is part of the key
+    if dataset is None:  # its identity is part of the key
+        dataset = create_dataset(data, split, train_transform=False)
     identity = dataset_identity(dataset)
     key = cache_key(loaded.checkpoint_sha256, data, split, identity)
     folder = Path(cache_dir) if cache_dir else loaded.path / EVAL_DIR / "cache"

@@ -148,6 +148,7 @@ def evaluate_run(run_dir: str | Path | Any, names: list[str], settings: EvalConf
     `resume`: an evaluator whose records exist and were computed from the same inputs (module doc) is
     not run again; its records are read back.
     """
+    from mage_bench.data import dataset_identity
     from mage_bench.results import RecordContext, build_records, config_hash, read_records, write_records
     from mage_bench.runs import LoadedRun, load_run, resolve_device
 
@@ -158,7 +159,8 @@ def evaluate_run(run_dir: str | Path | Any, names: list[str], settings: EvalConf
     run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, device)
     config, data = run.config, run_data_config(run.config, data_name)
     run_hash = config_hash(config)
-    identities = dataset_identities(data, ("train", "test"))
+    datasets = evaluation_datasets(data, ("train", "test"))  # listed once: identities and features share them
+    identities = {split: dataset_identity(dataset) for split, dataset in datasets.items()}
     inputs = {name: evaluation_inputs(run, name, data, identities, settings, sweep, run_hash,
                                       EVALUATORS.get(name).settings) for name in names}
     written = {name: read_records(records_path(run, name)) for name in names
@@ -166,7 +168,7 @@ def evaluate_run(run_dir: str | Path | Any, names: list[str], settings: EvalConf
     todo = [name for name in names if name not in written]
     features = None
     if any(not EVALUATORS.get(name).on_run for name in todo):
-        features = _cached_features(run, data, device, cache_dir, progress,
+        features = _cached_features(run, data, datasets, device, cache_dir, progress,
                                     settings.feature_batch_size(data.image_size))
     for name in todo:
         evaluator = EVALUATORS.get(name)
@@ -184,15 +186,15 @@ def evaluate_run(run_dir: str | Path | Any, names: list[str], settings: EvalConf
     return {name: written[name] for name in names}
 
 
-def _cached_features(run: Any, data: DataConfig, device: str, cache_dir: str | Path | None, progress: bool,
-                     batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _cached_features(run: Any, data: DataConfig, datasets: dict[str, Any], device: str, cache_dir: str | Path | None,
+                     progress: bool, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train_x, train_y, test_x, test_y) of the run's probe features, from the cache when present."""
     from mage_bench.eval.features import extract_features
 
     train_x, train_y, _ = extract_features(run, data, "train", batch_size=batch_size, device=device,
-                                           cache_dir=cache_dir, progress=progress)
+                                           cache_dir=cache_dir, progress=progress, dataset=datasets["train"])
     test_x, test_y, _ = extract_features(run, data, "test", batch_size=batch_size, device=device,
-                                         cache_dir=cache_dir, progress=progress)
+                                         cache_dir=cache_dir, progress=progress, dataset=datasets["test"])
     return np.asarray(train_x), train_y, np.asarray(test_x), test_y
 
 
@@ -200,11 +202,18 @@ def _cached_features(run: Any, data: DataConfig, device: str, cache_dir: str | P
 # What records were computed from (resume)
 
 
+def evaluation_datasets(data: DataConfig, splits: tuple[str, ...]) -> dict[str, Any]:
+    """{split: the split's evaluation data set}, each listed once."""
+    from mage_bench.data import create_dataset
+
+    return {split: create_dataset(data, split, train_transform=False) for split in splits}
+
+
 def dataset_identities(data: DataConfig, splits: tuple[str, ...]) -> dict[str, str]:
     """{split: `data.dataset_identity`} of the data set's splits (their resolved paths and file listings)."""
-    from mage_bench.data import create_dataset, dataset_identity
+    from mage_bench.data import dataset_identity
 
-    return {split: dataset_identity(create_dataset(data, split, train_transform=False)) for split in splits}
+    return {split: dataset_identity(dataset) for split, dataset in evaluation_datasets(data, splits).items()}
 
 
 def evaluation_inputs(run: Any, name: str, data: DataConfig, identities: dict[str, str], settings: EvalConfig,
