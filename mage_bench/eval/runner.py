@@ -7,14 +7,8 @@ probe feeds fresh augmented views through the encoder every epoch). Every settin
 `EvalConfig`. `evaluate_run` builds the rows into result records (`results.build_records`) and writes
 them to RUN/eval/NAME.json; `evaluate_all` adds the generation metrics (`eval/generation.py`).
 
-Resuming (`resume=True`): next to each NAME.json, RUN/eval/inputs/NAME.json records what the records were
-computed from (the checkpoint's sha256, the run's config hash, run and sweep names, the data config and
-the data sets' identities, and the evaluator's own settings: `Evaluator.settings`), written after the
-records; writing records removes it (`results.write_records`, whoever writes them: `eval fid` too), so it
-never vouches for records made from other inputs. An evaluator whose records and matching inputs exist is
-not run again; its records are read back. The inputs live in a subfolder because everything matching
-RUN/eval/*.json is read as result records. The code version is not part of the inputs: after changing
-an evaluator's code, evaluate without `resume`.
+Resuming (`resume=True`): what a records file was computed from is kept beside it (`eval/inputs.py`); an
+evaluator whose records and matching inputs exist is not run again, its records are read back.
 """
 
 from __future__ import annotations
@@ -29,6 +23,16 @@ import numpy as np
 from mage_bench.config import DEFAULT_EVAL, DataConfig, EvalConfig
 from mage_bench.errors import UserError
 from mage_bench.eval import fewshot, knn, linear, linear_views
+from mage_bench.eval.inputs import (  # noqa: F401  (run_data_config and dataset_identities: re-exported)
+    dataset_identities,
+    evaluation_datasets,
+    evaluation_inputs,
+    identities_of,
+    inputs_match,
+    records_path,
+    remember_inputs,
+    run_data_config,
+)
 from mage_bench.metrics import Metric
 from mage_bench.registry import Registry, did_you_mean
 from mage_bench.results import Row
@@ -47,7 +51,6 @@ class Evaluator:
 EVALUATORS: Registry[Evaluator] = Registry("evaluator")
 EVAL_ALL = ("linear", "fewshot", "knn")  # `eval all`; the paper's LARS probes are asked for by name
 FEATURE_EXTRACTOR = "mage-probe"  # the run's own encoder, official probe feature
-INPUTS_VERSION = 1  # bump when what the inputs name changes
 # The EvalConfig fields the generation records depend on (with the metric flags), for `evaluate_all`'s resume.
 GENERATION_SETTINGS = ("num_samples", "real_split", "extractor", "weights", "backend")
 
@@ -114,19 +117,15 @@ EVALUATORS.register("knn")(Evaluator(_knn, knn.METRICS, settings=("knn_ks", "knn
 
 def metric_of(evaluator: str, key: str) -> Metric:
     """The declaration of an evaluator's metric (generation metrics included), e.g. for labels."""
+    from mage_bench.eval import inpaint
     from mage_bench.eval.fid_backends import METRICS as GENERATION_METRICS
     from mage_bench.eval.generation import EVALUATOR as GENERATION
     from mage_bench.metrics import declared
 
-    metrics = GENERATION_METRICS if evaluator == GENERATION else EVALUATORS.get(evaluator).metrics
+    # The evaluators on generated or completed images keep their own wiring (they are not on features).
+    own = {GENERATION: GENERATION_METRICS, inpaint.EVALUATOR: inpaint.METRICS}
+    metrics = own[evaluator] if evaluator in own else EVALUATORS.get(evaluator).metrics
     return declared(metrics, key, evaluator)
-
-
-def run_data_config(config: Any, name: str | None = None) -> DataConfig:
-    """A run config's data settings, optionally pointed at another data set of that layout."""
-    import dataclasses
-
-    return dataclasses.replace(config.data, name=name) if name else config.data
 
 
 def check_evaluator(name: str) -> None:
@@ -148,7 +147,6 @@ def evaluate_run(run_dir: str | Path | Any, names: list[str], settings: EvalConf
     `resume`: an evaluator whose records exist and were computed from the same inputs (module doc) is
     not run again; its records are read back.
     """
-    from mage_bench.data import dataset_identity
     from mage_bench.results import RecordContext, build_records, config_hash, read_records, write_records
     from mage_bench.runs import LoadedRun, load_run, resolve_device
 
@@ -160,7 +158,7 @@ def evaluate_run(run_dir: str | Path | Any, names: list[str], settings: EvalConf
     config, data = run.config, run_data_config(run.config, data_name)
     run_hash = config_hash(config)
     datasets = evaluation_datasets(data, ("train", "test"))  # listed once: identities and features share them
-    identities = {split: dataset_identity(dataset) for split, dataset in datasets.items()}
+    identities = identities_of(datasets)
     inputs = {name: evaluation_inputs(run, name, data, identities, settings, sweep, run_hash,
                                       EVALUATORS.get(name).settings) for name in names}
     written = {name: read_records(records_path(run, name)) for name in names
@@ -199,77 +197,6 @@ def _cached_features(run: Any, data: DataConfig, datasets: dict[str, Any], devic
 
 
 # --------------------------------------------------------------------------------------------
-# What records were computed from (resume)
-
-
-def evaluation_datasets(data: DataConfig, splits: tuple[str, ...]) -> dict[str, Any]:
-    """{split: the split's evaluation data set}, each listed once."""
-    from mage_bench.data import create_dataset
-
-    return {split: create_dataset(data, split, train_transform=False) for split in splits}
-
-
-def dataset_identities(data: DataConfig, splits: tuple[str, ...]) -> dict[str, str]:
-    """{split: `data.dataset_identity`} of the data set's splits (their resolved paths and file listings)."""
-    from mage_bench.data import dataset_identity
-
-    return {split: dataset_identity(dataset) for split, dataset in evaluation_datasets(data, splits).items()}
-
-
-def evaluation_inputs(run: Any, name: str, data: DataConfig, identities: dict[str, str], settings: EvalConfig,
-                      sweep: str | None, run_hash: str, fields: tuple[str, ...],
-                      **extra: Any) -> dict[str, Any]:
-    """Everything evaluator `name`'s records on `run` depend on, as JSON-ready values (see the module doc)."""
-    from mage_bench.data import pixel_settings
-
-    return {"version": INPUTS_VERSION, "evaluator": name, "checkpoint_sha256": run.checkpoint_sha256,
-            "config_hash": run_hash, "run": run.path.name, "sweep": sweep, "data": pixel_settings(data),
-            "datasets": identities, "settings": {f: getattr(settings, f) for f in fields}, **extra}
-
-
-def _inputs_digest(inputs: dict[str, Any]) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def records_path(run: Any, name: str) -> Path:
-    """RUN/eval/NAME.json, the evaluator's result records."""
-    from mage_bench.runs import EVAL_DIR
-
-    return run.path / EVAL_DIR / f"{name}.json"
-
-
-def inputs_path(run: Any, name: str) -> Path:
-    """RUN/eval/inputs/NAME.json, what RUN/eval/NAME.json was computed from."""
-    from mage_bench.runs import records_inputs_file
-
-    return records_inputs_file(records_path(run, name))
-
-
-def inputs_match(run: Any, name: str, inputs: dict[str, Any]) -> bool:
-    """Whether RUN/eval/NAME.json exists and its inputs file says it was computed from `inputs`."""
-    import json
-
-    path = inputs_path(run, name)
-    if not (records_path(run, name).is_file() and path.is_file()):
-        return False
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False  # unreadable: recompute
-    return isinstance(stored, dict) and stored.get("digest") == _inputs_digest(inputs)
-
-
-def remember_inputs(run: Any, name: str, inputs: dict[str, Any]) -> None:
-    """Write NAME's inputs file atomically; call it after the records are written."""
-    from mage_bench.io import atomic_write_json
-
-    atomic_write_json(inputs_path(run, name), {"digest": _inputs_digest(inputs), "inputs": inputs})
-
-
-# --------------------------------------------------------------------------------------------
 # Everything at once
 
 
@@ -282,8 +209,9 @@ def evaluate_all(run_dir: str | Path | Any, settings: EvalConfig = DEFAULT_EVAL,
     `run_dir` is a run folder or a `LoadedRun`. `settings.num_samples` defaults to the number of
     reference images (the real split of the run's data set), so both sides of the Fréchet distance have
     the same count; `samples` passes images generated already (an `ImageSet` of that many).
-    Writes RUN/eval/{linear,fewshot,knn,fid}.json. `resume`: evaluators (fid included) whose records exist
-    and were computed from the same inputs are read back, not recomputed (module doc).
+    Writes RUN/eval/{linear,fewshot,knn,fid}.json, and RUN/eval/inpaint.json when `settings.inpaint` names
+    masks. `resume`: evaluators (fid and inpaint included) whose records exist and were computed from the
+    same inputs are read back, not recomputed (module doc).
     """
     import dataclasses
 
@@ -301,10 +229,16 @@ def evaluate_all(run_dir: str | Path | Any, settings: EvalConfig = DEFAULT_EVAL,
                                config_hash(run.config), GENERATION_SETTINGS, flags=list(dict.fromkeys(flags)))
     if resume and inputs_match(run, name, inputs):
         written[name] = read_records(records_path(run, name))
-        return written
-    written[name] = generation.evaluate_generation(run, data.name, settings, flags, cache_dir=cache_dir,
-                                                   progress=progress, sweep=sweep, samples=samples)
-    remember_inputs(run, name, inputs)
+    else:
+        written[name] = generation.evaluate_generation(run, data.name, settings, flags, cache_dir=cache_dir,
+                                                       progress=progress, sweep=sweep, samples=samples)
+        remember_inputs(run, name, inputs)
+    if settings.inpaint:  # masked reconstruction, when the settings (a sweep's eval.inpaint) ask for it
+        from mage_bench.eval.inpaint import EVALUATOR as INPAINT
+        from mage_bench.eval.inpaint import evaluate_inpainting
+
+        written[INPAINT] = evaluate_inpainting(run, settings, data_name=data_name, cache_dir=cache_dir,
+                                               progress=progress, sweep=sweep, resume=resume)
     return written
 
 
