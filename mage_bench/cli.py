@@ -111,7 +111,8 @@ def _generation_flags(args: argparse.Namespace) -> tuple[str, ...]:
 # EvalConfig fields that are flags of `mage-bench eval` (the same name with dashes)
 EVAL_SETTING_FLAGS = ("num_samples", "real_split", "extractor", "weights", "backend", "device", "knn_ks",
                       "knn_temperature", "fewshot_shots", "fewshot_draws", "probe_epochs", "probe_batch_size",
-                      "probe_blr", "batch_size")
+                      "probe_blr", "batch_size", "inpaint", "inpaint_images", "inpaint_steps", "inpaint_temperature",
+                      "inpaint_argmax", "inpaint_paste_back", "inpaint_dilate", "inpaint_fd")
 
 
 def _eval_settings(args: argparse.Namespace) -> Any:
@@ -176,12 +177,39 @@ def _check_protocol_flags(args: argparse.Namespace) -> None:
         raise UserError(f"{probe_flags[0]} needs `eval linear --protocol mae` or `--protocol mae-cached`")
 
 
+def cmd_eval_inpaint(args: argparse.Namespace) -> int:
+    from mage_bench.eval.inpaint import EVALUATOR, evaluate_inpainting
+
+    if not args.run:
+        raise UserError("`mage-bench eval inpaint` needs --run RUN_DIR and --masks SPEC,...")
+    records = evaluate_inpainting(args.run, _eval_settings(args), data_name=args.data, cache_dir=args.cache,
+                                  progress=_progress_enabled(args))
+    lines = [f"{r['mask']} ({100 * r['mask_ratio']:.0f}% of tokens unknown): {_record_line(r).split(': ', 1)[1]}"
+             for r in records]
+    _emit(args, records, "\n".join(lines) + f"\n({records[0]['n_samples']} test images per mask; completed images "
+                                            f"and triplet grids under {args.run}/inpaint/)\nrecords: "
+                                            f"{args.run}/eval/{EVALUATOR}.json")
+    return 0
+
+
+def _check_inpaint_flags(args: argparse.Namespace) -> None:
+    """The masked-reconstruction flags only with `eval inpaint` (or `eval all`, which runs it when masks are
+    given), rather than silently ignored."""
+    given = [name for name in EVAL_SETTING_FLAGS if name.startswith("inpaint") and getattr(args, name) is not None]
+    if given and args.evaluator not in ("inpaint", "all"):
+        flag = "--masks" if given[0] == "inpaint" else "--" + given[0].replace("_", "-")
+        raise UserError(f"{flag} applies to `eval inpaint` (and `eval all`) only")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     _check_protocol_flags(args)
+    _check_inpaint_flags(args)
     if args.evaluator == "fid":
         return cmd_eval_fid(args)
     if args.evaluator == "all":
         return cmd_eval_all(args)
+    if args.evaluator == "inpaint":
+        return cmd_eval_inpaint(args)
     if not args.run:
         raise UserError(f"`mage-bench eval {args.evaluator}` needs --run RUN_DIR")
     from mage_bench.eval.runner import evaluate_run
@@ -193,6 +221,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     records = written[name]
     lines = [_record_line(r) for r in records]
     _emit(args, records, "\n".join(lines) + f"\nrecords: {args.run}/eval/{name}.json")
+    return 0
+
+
+def cmd_inpaint(args: argparse.Namespace) -> int:
+    from mage_bench.inpainting import inpaint_images
+
+    manifest = inpaint_images(args.run, args.images, args.mask, args.out, num=args.num, split=args.split,
+                              steps=args.steps, temperature=args.temperature, argmax=args.argmax,
+                              paste_back=args.paste_back, dilate=args.dilate, seed=args.seed,
+                              device=resolve_device(args.device), progress=_progress_enabled(args))
+    _emit(args, manifest, f"{manifest['count']} images completed under {manifest['mask']} in {args.out} "
+                          f"(NNNNNN-original/-masked/-result.png; grid: {args.out}/grid.png)")
     return 0
 
 
@@ -329,19 +369,69 @@ def _add_eval_settings(p: argparse.ArgumentParser) -> None:
                    help=f"--protocol mae|mae-cached: batch size (default {head.batch_size})")
     p.add_argument("--probe-blr", type=float,
                    help=f"--protocol mae|mae-cached: base lr, lr = blr * batch / 256 (default {head.blr})")
+    p.add_argument("--masks", dest="inpaint", type=_mask_list, metavar="SPEC,...",
+                   help="inpaint: masks, comma-separated: random:R (share R of tokens), box:center|half-left|"
+                        "half-right|half-top|half-bottom, border:W (outpainting, W pixels), pixels:FILE (white = "
+                        "unknown); all: also run inpaint with these")
+    p.add_argument("--inpaint-images", type=int,
+                   help=f"inpaint: test images completed per mask (default {d.inpaint_images})")
+    p.add_argument("--inpaint-steps", "--steps", dest="inpaint_steps", type=int,
+                   help="inpaint: decoding steps (default: the run's generate.steps)")
+    p.add_argument("--inpaint-temperature", "--temperature", dest="inpaint_temperature", type=float,
+                   help="inpaint: re-masking temperature (default: the run's generate.temperature)")
+    p.add_argument("--inpaint-argmax", "--argmax", dest="inpaint_argmax", action="store_const", const=True,
+                   help="inpaint: take the most likely code at each step instead of sampling it")
+    p.add_argument("--inpaint-paste-back", "--paste-back", dest="inpaint_paste_back", action="store_const",
+                   const=True, help="inpaint: paste the known input pixels over the decoded ones")
+    p.add_argument("--inpaint-dilate", "--dilate", dest="inpaint_dilate", type=int,
+                   help="inpaint: grow pixel masks' tokens by this many rings (default 0; the official demo used 1)")
+    p.add_argument("--no-fd", dest="inpaint_fd", action="store_const", const=False,
+                   help="inpaint: skip the FD/FID of completed images (no extractor needed)")
+
+
+def _mask_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _add_inpaint_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "inpaint", help="complete masked images with a run (inpainting, outpainting) into PNG triplets",
+        description="Mask each image (pixel masks are zeroed, then every token overlapping them is unknown), "
+                    "keep the known tokens fixed and decode the unknown ones iteratively, seeded per image. "
+                    "Writes NNNNNN-original.png, -masked.png, -result.png, grid.png and inpaint.json.",
+        epilog="examples:\n  mage-bench inpaint --run runs/demo --images digits --mask box:center --out inpainted\n"
+               "  mage-bench inpaint --run runs/demo --images photos/ --mask pixels:mask.png --out out --argmax",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--images", required=True, help="a folder of images, or a data set (its --split)")
+    p.add_argument("--mask", required=True,
+                   help="random:R | box:center|half-left|half-right|half-top|half-bottom | border:W (pixels) | "
+                        "pixels:FILE (white = unknown, the images' size)")
+    p.add_argument("--out", required=True, help="output folder (empty, or holding this same inpainting)")
+    p.add_argument("--num", type=int, default=64, help="the first N images (default 64)")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="split of a data set (default test)")
+    p.add_argument("--steps", type=int, help="decoding steps (default: the run's, 12)")
+    p.add_argument("--temperature", type=float, help="re-masking temperature (default: the run's, 4.5)")
+    p.add_argument("--argmax", action="store_true", help="take the most likely code instead of sampling it")
+    p.add_argument("--paste-back", action="store_true", help="paste the known input pixels over the decoded ones")
+    p.add_argument("--dilate", type=int, default=0, help="grow pixel masks' tokens by this many rings (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the masks and the decoding, per image (default 0)")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    _common(p)
+    p.set_defaults(func=cmd_inpaint)
 
 
 def _add_eval_parser(sub: Any) -> None:
     p = sub.add_parser(
-        "eval", help="FID/IS/KID/PR, linear probe, few-shot, kNN",
-        description="Evaluate generation (fid: --real/--fake) or representations (linear|fewshot|knn: --run), "
-                    "or both at once (all: --run).",
+        "eval", help="FID/IS/KID/PR, linear probe, few-shot, kNN, masked reconstruction",
+        description="Evaluate generation (fid: --real/--fake), representations (linear|fewshot|knn: --run), "
+                    "masked reconstruction (inpaint: --run --masks), or all at once (all: --run).",
         epilog="examples:\n  mage-bench eval fid --real digits --fake runs/demo --num-samples 1000 --isc --kid\n"
                "  mage-bench eval fid --real imagenet_val_png/ --fake samples/ --weights "
                "weights-inception-2015-12-05-6726825d.pth\n  mage-bench eval all --run runs/demo",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("evaluator", choices=["fid", "linear", "fewshot", "knn", "all"])
-    p.add_argument("--run", help="run folder (linear, fewshot, knn, all)")
+    p.add_argument("evaluator", choices=["fid", "linear", "fewshot", "knn", "inpaint", "all"])
+    p.add_argument("--run", help="run folder (linear, fewshot, knn, inpaint, all)")
     p.add_argument("--data", help="data set for the representation evaluators (default: the run's)")
     p.add_argument("--real", help="fid: reference images, a folder or a data set (digits, imagefolder:PATH, ...)")
     p.add_argument("--fake", help="fid: generated images, a folder, or a run folder (then --num-samples images "
@@ -452,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train_parser(sub)
     _add_generate_parser(sub)
+    _add_inpaint_parser(sub)
     _add_eval_parser(sub)
     _add_sweep_parser(sub)
     _add_report_parser(sub)

@@ -10,6 +10,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
+from mage_bench.errors import ConfigError, UserError
 from mage_bench.mage.presets import MODEL_PRESETS, ModelConfig
 from mage_bench.registry import Registry
 from mage_bench.schema import (  # noqa: F401  (re-exported: the names every caller imports from here)
@@ -298,6 +299,16 @@ class EvalConfig:
     probe_epochs: int | None = None
     probe_batch_size: int | None = None
     probe_blr: float | None = None
+    # Masked reconstruction (`eval inpaint --masks`, a sweep's `eval.inpaint`): mask specs (random:R,
+    # box:center, border:W, pixels:FILE; `mage_bench.mage.inpaint_masks`); empty: not evaluated in sweeps
+    inpaint: tuple[str, ...] = ()
+    inpaint_images: int = 1000  # test-split images completed per mask (at most the split's size)
+    inpaint_steps: int | None = None  # decoding steps; None: the run's generate.steps
+    inpaint_temperature: float | None = None  # re-masking temperature; None: the run's generate.temperature
+    inpaint_argmax: bool = False  # take the most likely code at each step instead of sampling it
+    inpaint_paste_back: bool = False  # known pixels of the input pasted over the decoded ones
+    inpaint_dilate: int = 0  # pixel masks: grow the overlapping tokens by this many rings (official demo: 1)
+    inpaint_fd: bool = True  # also the FD/FID of completed images against the real split (the extractor's)
     # Sweeps only: also evaluate raw pixels, the untrained model and real held-out images
     references: bool = True
 
@@ -314,6 +325,18 @@ class EvalConfig:
             value = getattr(self, name)
             require(value is None or value >= 1, f"{path}.{name} must be >= 1")
         require(self.probe_blr is None or self.probe_blr > 0, f"{path}.probe_blr must be > 0")
+        require(self.inpaint_images >= 2, f"{path}.inpaint_images must be >= 2")
+        require(self.inpaint_steps is None or self.inpaint_steps >= 1, f"{path}.inpaint_steps must be >= 1")
+        require(self.inpaint_temperature is None or self.inpaint_temperature >= 0,
+                f"{path}.inpaint_temperature must be >= 0")
+        require(self.inpaint_dilate >= 0, f"{path}.inpaint_dilate must be >= 0")
+        if self.inpaint:
+            from mage_bench.mage.inpaint_masks import parse_masks
+
+            try:
+                parse_masks(self.inpaint)
+            except UserError as exc:
+                raise ConfigError(f"{path}.inpaint: {exc}") from None
 
     def feature_batch_size(self, image_size: int) -> int:
         """Images per feature-extraction batch: the setting, else 256 up to 128 px and a budget of 2^22 pixels
