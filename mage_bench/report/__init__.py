@@ -23,7 +23,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path) -> Path:
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     from mage_bench.io import atomic_write_text, utc_now
-    from mage_bench.report import figures, grid, tables
+    from mage_bench.report import figures, grid, inpaint, tables
 
     collected = collect(paths)
     results = collected.results
@@ -44,7 +44,8 @@ def build_report(paths: list[str | Path], out_dir: str | Path) -> Path:
     noise = tables.noise(results, points) if not results.empty else []
     axes = grid.axes_of(sweep)
     seeds = sweep.get("seeds", [])
-    extractors = sorted(set(results["feature_extractor"])) if not results.empty else []
+    # "none" marks records computed on no feature network (inpainting's token accuracy and PSNR).
+    extractors = sorted(set(results["feature_extractor"]) - {"none"}) if not results.empty else []
     gen = results[results["evaluator"] == "fid"] if not results.empty else results
     page = {
         "title": f"mage-bench report: {sweep.get('sweep', ', '.join(str(p) for p in paths))}",
@@ -62,6 +63,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path) -> Path:
         "grids": [g for g in ({"run": r["run"], "point": r["point"], "seed": r.get("seed"),
                                "png": figures.grid_image(collected.folders[r["run"]])}
                               for r in runs if r["run"] in collected.folders) if g["png"]],  # each PNG read once
+        "inpaint": inpaint.section(results, points, collected.folders) if not results.empty else None,
         "failed": collected.failed,
         "nonstandard": sorted(set(gen["feature_extractor"]) - {"inception-v3"}) if len(gen) else [],
         "extractors": extractors,

@@ -157,16 +157,22 @@ def select(results: pd.DataFrame, headline: Headline) -> pd.DataFrame:
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean, std (ddof 1) and count over seeds per (point, evaluator, metric, k, shots)."""
-    keys = [c for c in ("role", "point", "evaluator", "metric", "feature_extractor", "k", "shots") if c in results]
+    """Mean, std (ddof 1) and count over seeds per (point, evaluator, metric, k, shots, mask).
+
+    `mask` (inpaint records) keeps different masks of one metric apart; records without one (every other
+    evaluator) group as before, their key columns held by a placeholder only while grouping."""
+    keys = [c for c in ("role", "point", "evaluator", "metric", "feature_extractor", "k", "shots", "mask")
+            if c in results]
+    # groupby drops rows whose key is NaN: fill each optional key with a value it never takes, then undo.
+    placeholders = {"k": -1, "shots": -1, "mask": ""}
     frame = results.copy()
-    for column in ("k", "shots"):
+    for column, placeholder in placeholders.items():
         if column in frame:
-            frame[column] = frame[column].fillna(-1)
+            frame[column] = frame[column].fillna(placeholder)
     summary = (frame.groupby(keys, sort=False)["value"].agg(["mean", "std", "count"]).reset_index())
-    for column in ("k", "shots"):
+    for column, placeholder in placeholders.items():
         if column in summary:
-            summary[column] = summary[column].replace(-1, np.nan)
+            summary[column] = summary[column].replace(placeholder, np.nan)
     higher = frame.groupby(keys, sort=False)["higher_is_better"].first().reset_index(drop=True)
     summary["higher_is_better"] = higher.values
     return summary
