@@ -130,7 +130,7 @@ def _record_line(r: dict[str, Any]) -> str:
 
     label = metric_of(r["evaluator"], r["metric"]).display({r["feature_extractor"]},
                                                             standard=r.get("standard_extractor", True))
-    details = "".join(f" {k}={r[k]}" for k in ("k", "shots") if k in r)
+    details = "".join(f" {k}={r[k]}" for k in ("k", "shots", "mask") if k in r)
     spread = f" +- {r['std']:.4f}" if r.get("std") is not None and r["evaluator"] == GENERATION else ""
     return f"{r['evaluator']}: {label}{details}: {r['value']:.4f}{spread}"
 
@@ -184,8 +184,7 @@ def cmd_eval_inpaint(args: argparse.Namespace) -> int:
         raise UserError("`mage-bench eval inpaint` needs --run RUN_DIR and --masks SPEC,...")
     records = evaluate_inpainting(args.run, _eval_settings(args), data_name=args.data, cache_dir=args.cache,
                                   progress=_progress_enabled(args))
-    lines = [f"{r['mask']} ({100 * r['mask_ratio']:.0f}% of tokens unknown): {_record_line(r).split(': ', 1)[1]}"
-             for r in records]
+    lines = [f"{_record_line(r)} ({100 * r['mask_ratio']:.0f}% of tokens unknown)" for r in records]
     _emit(args, records, "\n".join(lines) + f"\n({records[0]['n_samples']} test images per mask; completed images "
                                             f"and triplet grids under {args.run}/inpaint/)\nrecords: "
                                             f"{args.run}/eval/{EVALUATOR}.json")
@@ -199,6 +198,16 @@ def _check_inpaint_flags(args: argparse.Namespace) -> None:
     if given and args.evaluator not in ("inpaint", "all"):
         flag = "--masks" if given[0] == "inpaint" else "--" + given[0].replace("_", "-")
         raise UserError(f"{flag} applies to `eval inpaint` (and `eval all`) only")
+    if given and args.evaluator == "all" and args.inpaint is None:
+        flag = "--" + given[0].replace("_", "-")
+        raise UserError(f"{flag} needs --masks with `eval all` (it runs inpainting only when masks are given)")
+    if args.evaluator == "inpaint":
+        generation_only = [flag for flag, value in (("--real", args.real), ("--fake", args.fake),
+                                                    ("--num-samples", args.num_samples), ("--isc", args.isc),
+                                                    ("--kid", args.kid), ("--prc", args.prc)) if value]
+        if generation_only:
+            raise UserError(f"{generation_only[0]} applies to `eval fid` and `eval all`, not `eval inpaint` "
+                            "(which completes --inpaint-images test images of the run's data)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -409,7 +418,7 @@ def _add_inpaint_parser(sub: Any) -> None:
                         "pixels:FILE (white = unknown, the images' size)")
     p.add_argument("--out", required=True, help="output folder (empty, or holding this same inpainting)")
     p.add_argument("--num", type=int, default=64, help="the first N images (default 64)")
-    p.add_argument("--split", default="test", choices=["train", "test"], help="split of a data set (default test)")
+    p.add_argument("--split", choices=["train", "test"], help="split of a data set (default test)")
     p.add_argument("--steps", type=int, help="decoding steps (default: the run's, 12)")
     p.add_argument("--temperature", type=float, help="re-masking temperature (default: the run's, 4.5)")
     p.add_argument("--argmax", action="store_true", help="take the most likely code instead of sampling it")

@@ -13,8 +13,13 @@ grid.png (one row of original | masked | result per image, the first 16) and inp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,27 +200,32 @@ def batches(dataset: Any, count: int, batch_size: int = DECODE_BATCH) -> Any:
 
 
 def inpaint_images(run_dir: str | Path, images: str, mask: str, out_dir: str | Path, num: int | None = 64,
-                   split: str = "test", steps: int | None = None, temperature: float | None = None,
+                   split: str | None = None, steps: int | None = None, temperature: float | None = None,
                    argmax: bool = False, paste_back: bool = False, dilate: int = 0, seed: int = 0,
                    device: str = "cpu", progress: bool = True) -> dict[str, Any]:
-    """Complete the first `num` images of `images` (a folder or a data set) under `mask`; write triplets
-    and a grid into `out_dir`; returns the manifest. A folder holding other output is refused."""
+    """Complete the first `num` images of `images` (a folder, or a data set's `split`, default test) under
+    `mask`; write triplets, a grid and the manifest into `out_dir`, published whole (a failure leaves the
+    folder as it was); returns the manifest. A folder holding other output is refused."""
     import json
 
     from tqdm import tqdm
 
     from mage_bench.io import atomic_write_json, sha256_file, utc_now
-    from mage_bench.mage.inpaint_masks import parse_mask
+    from mage_bench.mage.inpaint_masks import PIXEL, parse_mask
     from mage_bench.runs import load_run
     from mage_bench.samples import png_pool, to_uint8, write_pngs
 
     parsed = parse_mask(mask)  # a typo fails before the run is loaded
     if num is not None and num < 1:
         raise UserError(f"--num must be >= 1, not {num}")
+    if dilate and parsed.space != PIXEL:
+        raise UserError(f"--dilate grows pixel masks (box, border, pixels), not {parsed.spec}; drop --dilate")
+    if split is not None and Path(images).is_dir():
+        raise UserError(f"--split applies to a data set, not to the folder {images}; drop --split")
     run = load_run(run_dir, device)
     decoding = decoding_of(run, steps, temperature, argmax, paste_back, dilate, seed)
     check_mask(run, parsed, decoding)
-    dataset, description = source_images(run, images, split)
+    dataset, description = source_images(run, images, split or "test")
     count = len(dataset) if num is None else min(num, len(dataset))
     out = Path(out_dir)
     manifest = {"run": str(run_dir), "checkpoint_sha256": run.checkpoint_sha256, "images": description,
@@ -226,20 +236,42 @@ def inpaint_images(run_dir: str | Path, images: str, mask: str, out_dir: str | P
     same = previous is not None and {k: v for k, v in previous.items() if k != "created_at"} == manifest
     if out.exists() and any(out.iterdir()) and not same:
         raise UserError(f"{out} is not empty and holds no inpainting of these settings; choose an empty --out")
-    out.mkdir(parents=True, exist_ok=True)
     tiles: list[torch.Tensor] = []
     bar = tqdm(total=count, desc=f"inpaint {parsed.spec}", unit="img", file=sys.stderr, disable=not progress)
-    with png_pool() as pool:
+    with publish_folder(out) as staging, png_pool() as pool:
         for indices, batch in batches(dataset, count):
             done = complete_batch(run, batch, indices, parsed, decoding, device)
             tiles += triplet_rows(done, GRID_IMAGES - len(tiles) // 3)
             items = []
             for kind, pixels in (("original", done.original), ("masked", done.shown), ("result", done.result)):
                 arrays = to_uint8(pixels, run.config.generate.png).permute(0, 2, 3, 1).numpy()
-                items += [(out / f"{i:06d}-{kind}.png", a) for i, a in zip(indices, arrays, strict=True)]
-            write_pngs(items, pool)
+                items += [(staging / f"{i:06d}-{kind}.png", a) for i, a in zip(indices, arrays, strict=True)]
+            write_pngs(items, pool, atomic=False)  # the folder is published whole
             bar.update(len(indices))
-    bar.close()
-    save_grid(tiles, out / GRID, run.config.generate.png)
-    atomic_write_json(out / MANIFEST, {**manifest, "created_at": utc_now()})
+        bar.close()
+        save_grid(tiles, staging / GRID, run.config.generate.png)
+        atomic_write_json(staging / MANIFEST, {**manifest, "created_at": utc_now()})
     return manifest
+
+
+@contextlib.contextmanager
+def publish_folder(folder: Path) -> Iterator[Path]:
+    """A staging folder beside `folder`, swapped onto it when the block succeeds (an older copy is removed);
+    a failure leaves the older copy in place and no staging folder. For one writer at a time (a run's
+    evaluation job, one `inpaint` command per output folder): the swap takes no lock."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.staging-", dir=folder.parent))
+    try:
+        yield staging
+        replace_folder(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_folder(new: Path, folder: Path) -> None:
+    """Put folder `new` in place of `folder` (which may not exist): two renames, then the old copy is removed."""
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.rename(folder, old)
+    os.rename(new, folder)
+    shutil.rmtree(old, ignore_errors=True)

@@ -318,6 +318,11 @@ def run_sweep(name_or_path: str, preset: str | None = None, executor: str | None
     # The extractor weights and backend of every evaluation, checked where the sweep is launched (the
     # Slurm jobs too): an offline node must not find a missing file after training.
     weights = check_evaluation_inputs(spec.eval, [plan.config.data.name for plan in plans], dry_run)
+    if spec.eval.inpaint:  # a mask file of another size must not surface after training
+        from mage_bench.mage.inpaint_masks import check_masks_fit
+
+        for size in sorted({plan.config.data.image_size for plan in plans}):
+            check_masks_fit(spec.eval.inpaint, size)
     if dry_run:
         return {"dry_run": True, "table": dry_run_table(ctx, plans, weights), "runs": [p.meta(spec) for p in plans],
                 "differs": ctx.differs}

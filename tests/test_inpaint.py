@@ -322,3 +322,111 @@ def test_eval_inpaint_bad_input_is_one_line(tiny_run, capsys):
     assert not list(tiny_run.glob("inpaint/random-0.4-*"))  # checked before any mask was decoded
     assert main(["eval", "knn", "--run", str(tiny_run), "--masks", "random:0.5", "--quiet"]) == 2
     assert "--masks applies to `eval inpaint`" in capsys.readouterr().err
+
+
+def test_a_sweeps_inpaint_settings_reach_its_evaluation_job(tmp_path):
+    from mage_bench.run_job import EvaluationJob, build_parser
+    from mage_bench.sweep_spec import load_spec
+
+    settings = EvalConfig(inpaint=("random:0.5", "box:center"), inpaint_images=10, inpaint_argmax=True)
+    job = EvaluationJob(tmp_path / "run", settings, "s", tmp_path / "cache", "cpu")
+    assert EvaluationJob.from_args(build_parser().parse_args(["evaluate", *job.argv()])) == job
+    spec = load_spec("masking", preset="tiny")
+    assert spec.eval.inpaint == ("random:0.25", "random:0.5", "random:0.75", "box:center")
+
+
+def test_a_diverged_model_still_keeps_the_known_tokens(model, monkeypatch):
+    tokens = torch.randint(0, 32, (2, 64), generator=torch.Generator().manual_seed(4))
+    unknown = torch.zeros(2, 64, dtype=torch.bool)
+    unknown[:, :20] = True
+    original = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a: original(*a) * float("nan"))
+    out = complete_tokens(model, tokens, unknown, decoding_noise(0, range(2), 6, 64), 6, 4.5)
+    assert torch.equal(out[~unknown], tokens[~unknown])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--mask", "random:0.5", "--dilate", "1"], "--dilate grows pixel masks"),
+    (["--images", "FOLDER", "--split", "train"], "--split applies to a data set"),
+])
+def test_inpaint_flags_that_would_do_nothing_are_refused(tiny_run, tmp_path, capsys, argv, message):
+    argv = [str(tmp_path) if a == "FOLDER" else a for a in argv]
+    base = {"--run": str(tiny_run), "--images": "digits", "--mask": "box:center", "--out": str(tmp_path / "out")}
+    base.update(dict(zip(argv[::2], argv[1::2], strict=True)))
+    assert main(["inpaint", *[x for kv in base.items() for x in kv], "--quiet"]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "all", "--argmax"], "--inpaint-argmax needs --masks with `eval all`"),
+    (["eval", "inpaint", "--masks", "random:0.5", "--real", "digits"], "--real applies to `eval fid`"),
+    (["eval", "inpaint", "--masks", "random:0.5", "--isc"], "--isc applies to `eval fid`"),
+    (["eval", "linear", "--dilate", "1"], "--inpaint-dilate applies to `eval inpaint`"),
+])
+def test_eval_inpaint_flags_out_of_place_are_one_line_errors(tiny_run, capsys, argv, message):
+    assert main([*argv, "--run", str(tiny_run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_a_failed_inpaint_command_leaves_no_output(tiny_run, tmp_path, monkeypatch):
+    from mage_bench import inpainting
+
+    calls = []
+    real = inpainting.complete_batch
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inpainting, "complete_batch", fail_second)
+    with pytest.raises(RuntimeError, match="killed"):
+        inpainting.inpaint_images(tiny_run, "digits", "box:center", tmp_path / "out", num=100, steps=2,
+                                  progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_failed_evaluation_keeps_the_old_images_and_records_together(tiny_run, monkeypatch):
+    from mage_bench import inpainting
+    from mage_bench.eval.inpaint import evaluate_inpainting
+
+    settings = EvalConfig(inpaint=("random:0.3", "box:half-top"), inpaint_images=8, inpaint_steps=2,
+                          inpaint_fd=False)
+    first = evaluate_inpainting(tiny_run, settings)
+    folders = sorted(p.name for p in (tiny_run / "inpaint").iterdir())
+    grid = (tiny_run / first[0]["grid"]).read_bytes()
+    calls = []
+    real = inpainting.complete_batch
+
+    def fail_on_the_second_mask(run, images, indices, mask, *args, **kwargs):
+        if mask.spec == "box:half-top":
+            raise RuntimeError("killed")
+        calls.append(mask.spec)
+        return real(run, images, indices, mask, *args, **kwargs)
+
+    monkeypatch.setattr(inpainting, "complete_batch", fail_on_the_second_mask)
+    with pytest.raises(RuntimeError, match="killed"):  # other settings, failing half-way
+        evaluate_inpainting(tiny_run, EvalConfig(**{**settings.__dict__, "inpaint_temperature": 0.5}))
+    assert calls == ["random:0.3"]  # the first mask was completed, but nothing of it was published
+    assert sorted(p.name for p in (tiny_run / "inpaint").iterdir()) == folders  # no staging left either
+    assert (tiny_run / first[0]["grid"]).read_bytes() == grid
+    assert json.loads((tiny_run / "eval" / "inpaint.json").read_text())[0]["value"] == first[0]["value"]
+    monkeypatch.undo()
+    # A later evaluation with fewer masks removes the folders of the masks it no longer reports.
+    evaluate_inpainting(tiny_run, EvalConfig(**{**settings.__dict__, "inpaint": ("random:0.3",)}))
+    assert [p.name for p in (tiny_run / "inpaint").iterdir()] == [folders[1]] and folders[1].startswith("random")
+
+
+def test_a_sweep_refuses_masks_that_do_not_fit_before_training(tmp_path, capsys, tiny_tokenizer_dir, digits_cnn):
+    from test_sweep import micro_spec
+
+    mask = _one_pixel_mask(tmp_path, 1, 1, size=8)  # the sweep's images are 16 px
+    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, eval_extra={"inpaint": [f"pixels:{mask}"]})
+    assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--dry-run"]) == 2
+    assert "is 8x8 but the images are 16x16" in capsys.readouterr().err
+    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, eval_extra={"inpaint": ["random:0"]})
+    assert main(["sweep", str(path), "--runs", str(tmp_path / "runs")]) == 2
+    assert "mask random:0 leaves nothing unknown" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

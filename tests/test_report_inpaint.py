@@ -251,3 +251,19 @@ def test_the_inpaint_page_renders_in_headless_chromium(inpaint_report, tmp_path)
     loaded, total, console = outcome
     assert loaded == total >= 1 + len(MASKS) * len(POINTS)  # the figure and every triplet decode
     assert not console, console
+
+
+def test_the_untrained_reference_is_drawn_dashed_and_odd_records_are_skipped(tmp_path):
+    results = _frame(write_inpaint_sweep(tmp_path / "runs"))
+    reference = results[(results["evaluator"] == "inpaint") & (results["run"] == "p0-s0")].copy()
+    reference["role"], reference["point"], reference["value"] = "reference", "reference: untrained model", 0.01
+    odd = results[results["evaluator"] == "inpaint"].head(2).copy()
+    odd["mask"], odd["point"] = np.nan, POINTS[0]  # a record that cannot be placed: left out, no error
+    fig = report_inpaint.inpaint_figure(pd.concat([results, reference, odd], ignore_index=True), list(POINTS))
+    dashed = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and list(dashed[0].get_xdata()) == [0.25, 0.5, 0.75]
+    assert list(dashed[0].get_ydata()) == [0.01] * 3
+    assert "reference: untrained model" in [t.get_text() for t in fig.legends[0].get_texts()]
+    figures.pyplot().close(fig)
+    no_mask_column = results.drop(columns=["mask"])
+    assert report_inpaint.section(no_mask_column, list(POINTS), {}) is None

@@ -23,7 +23,7 @@ from mage_bench.sweep_spec import check_parameter, expand, load_spec, slug
 
 
 def micro_spec(tmp_path: Path, tokenizer: Path, digits_cnn, points=None, seeds=(0,), executor=None,
-               name: str = "micro") -> Path:
+               name: str = "micro", eval_extra: dict | None = None) -> Path:
     """A sweep that runs in seconds: the tests' tiny tokenizer and model, a few steps, 16 samples."""
     weights, _ = digits_cnn
     spec = {
@@ -35,7 +35,7 @@ def micro_spec(tmp_path: Path, tokenizer: Path, digits_cnn, points=None, seeds=(
                 "train": {"steps": 6, "batch_size": 16, "blr": 0.01, "warmup_steps": 2, "checkpoint_every": 2,
                           "log_every": 1}},
         "tokenizer": {"path": str(tokenizer)},
-        "eval": {"num_samples": 16, "weights": str(weights), "device": "cpu"},
+        "eval": {"num_samples": 16, "weights": str(weights), "device": "cpu", **(eval_extra or {})},
         "executor": executor or {"name": "local"},
     }
     path = tmp_path / f"{name}.yaml"
@@ -264,13 +264,18 @@ def _results(report: Path) -> pd.DataFrame:
 
 
 def test_local_sweep_end_to_end_then_skips_done_runs(tmp_path, tiny_tokenizer_dir, digits_cnn, capsys):
-    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn)
+    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn,
+                      eval_extra={"inpaint": ["random:0.5", "box:center"], "inpaint_images": 12})
     runs, report = tmp_path / "runs", tmp_path / "report"
     assert main(["sweep", str(path), "--runs", str(runs), "--out", str(report)]) == 0
     out = capsys.readouterr().out
     assert f"report: {report / 'index.html'}" in out
     results = pd.read_csv(report / "results.csv")
-    assert {"linear", "fewshot", "knn", "fid"} <= set(results["evaluator"])
+    assert {"linear", "fewshot", "knn", "fid", "inpaint"} <= set(results["evaluator"])
+    inpaint = results[results["evaluator"] == "inpaint"]  # a spec's eval.inpaint: every run, every mask
+    assert len(inpaint[inpaint["role"] == "run"]) == 2 * 2 * 3 and set(inpaint["mask"]) == {"random:0.5", "box:center"}
+    assert set(inpaint[inpaint["role"] == "reference"]["point"]) == {"reference: untrained model"}
+    assert "Masked reconstruction (inpainting)" in (report / "index.html").read_text()
     assert set(results[results["role"] == "reference"]["point"]) == {
         "reference: raw pixels", "reference: untrained model", "reference: real held-out images"}
     assert set(results[results["role"] == "run"]["sweep"]) == {"micro"}

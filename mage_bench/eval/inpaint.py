@@ -6,26 +6,25 @@
 
 - `token_accuracy`: the share of unknown tokens decoded to the intact image's own token (pooled over images);
 - `psnr`: PSNR (dB, peak 1) of the completed image on the unknown pixels, per image then averaged; beside it
-  `psnr_ceiling`, the same for the tokenizer's own reconstruction of the intact image (no decoder can beat
-  the tokens it must produce);
+  `psnr_ceiling`, the same for the tokenizer's own reconstruction of the intact image: a reference, what
+  decoding the intact image's own tokens gives on those pixels;
 - `fd`: the Fréchet distance of the completed images (written as PNGs under RUN/inpaint/<mask>/images, with
   the run's PNG quantisation) against the real split (`real_split`), with the extractor and backend `eval fid`
   would use (FID only with the standard Inception weights; else "FD", named with its extractor).
 
 Every record carries the mask (`mask`, `mask_family`, `mask_ratio`: the realised mean share of unknown
-tokens), the decoding settings (`steps`, `temperature`, `argmax`, `paste_back`, `dilate`) and `grid`, the
-run-relative path of a PNG of the first images: originals, masked inputs and completions in three rows. With `resume`
-the records are read back when their inputs (checkpoint, data, settings, masks) are unchanged.
+tokens), the decoding settings (`steps`, `temperature`, `argmax`, `paste_back`, and `dilate` as applied:
+0 for token masks), a pixel mask file's `mask_sha256`, and `grid`, the run-relative path of a PNG of the
+first images (originals, masked inputs and completions in three rows). Images and records are published
+together, after every mask is done. With `resume` the records are read back when their inputs
+(checkpoint, data, settings, masks and mask files) are unchanged.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,12 +127,42 @@ def evaluate_inpainting(run_dir: str | Path | Any, settings: Any, masks: tuple[s
     fd = FdSide.plan(run, data, settings, cache_dir, progress) if settings.inpaint_fd else None
     test = datasets["test"]
     count = min(settings.inpaint_images, len(test))
-    records = []
-    for mask in parsed:
-        records += _evaluate_mask(run, test, count, mask, decoding, fd, data, sweep, device, progress)
-    write_records(path, records)
-    resume_inputs.remember_inputs(run, EVALUATOR, inputs)
+    root = run.path / FOLDER
+    _remove_leftovers(root)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    try:
+        records = []
+        for mask in parsed:
+            records += _evaluate_mask(run, test, count, mask, decoding, fd, data, sweep, device, progress,
+                                      staging / mask_folder(mask.spec), files.get(mask.spec))
+        # The images and the records change together: the old inputs go first (a crash from here on leaves
+        # records nothing vouches for, recomputed by a resume), then the folders, then the records.
+        resume_inputs.inputs_path(run, EVALUATOR).unlink(missing_ok=True)
+        _publish(staging, root)
+        write_records(path, records)
+        resume_inputs.remember_inputs(run, EVALUATOR, inputs)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return [r.as_dict() for r in records]
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Staging and superseded folders of an evaluation killed mid-way (one evaluation per run at a time)."""
+    for leftover in [*root.glob(".staging-*"), *root.glob(".*.old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _publish(staging: Path, root: Path) -> None:
+    """Every mask folder of `staging` in place of its older copy; folders of masks no longer evaluated go."""
+    from mage_bench.inpainting import replace_folder
+
+    fresh = {folder.name for folder in staging.iterdir()}
+    for folder in root.iterdir():
+        if folder.is_dir() and not folder.name.startswith(".") and folder.name not in fresh:
+            shutil.rmtree(folder)
+    for name in sorted(fresh):
+        replace_folder(staging / name, root / name)
 
 
 @dataclass(frozen=True)
@@ -144,6 +173,7 @@ class FdSide:
     extractor: Any
     weights: Path
     real: Any  # ImageSet
+    real_split: str
     cache: Path
     backend: str
 
@@ -157,7 +187,7 @@ class FdSide:
         extractor = FID_EXTRACTORS.get(settings.extractor or default_extractor(data.name))
         cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
         real = dataset_reference(data, settings.real_split, cache, progress)
-        return cls(extractor, weights, real, cache, settings.backend)
+        return cls(extractor, weights, real, settings.real_split, cache, settings.backend)
 
     def distance(self, fake: Any, seed: int, device: str, progress: bool) -> float:
         from mage_bench.eval.fid_backends import Request, compute_metrics
@@ -168,70 +198,56 @@ class FdSide:
 
 
 def _evaluate_mask(run: Any, test: Any, count: int, mask: Any, decoding: Any, fd: FdSide | None, data: Any,
-                   sweep: str | None, device: str, progress: bool) -> list[Any]:
-    """One mask: complete `count` test images, tally, write the completed PNGs and the grid, then the records."""
+                   sweep: str | None, device: str, progress: bool, folder: Path,
+                   mask_sha256: str | None = None) -> list[Any]:
+    """One mask: complete `count` test images, tally, write the completed PNGs and the grid into `folder` (a
+    staging folder), then the records."""
     import sys
 
     from tqdm import tqdm
 
     from mage_bench.eval.image_sets import scan_folder
     from mage_bench.inpainting import batches, complete_batch, save_grid, triplet_rows
+    from mage_bench.mage.inpaint_masks import PIXEL
     from mage_bench.results import RecordContext, build_records, config_hash
     from mage_bench.samples import png_pool, to_uint8, write_pngs
 
     png = run.config.generate.png
     tally, tiles = Tally(), []
-    name = mask_folder(mask.spec)
-    with _publishing(run.path / FOLDER / name) as staging:
-        (staging / "images").mkdir()
-        bar = tqdm(total=count, desc=f"inpaint {mask.spec}", unit="img", file=sys.stderr, disable=not progress)
-        with png_pool() as pool:
-            for indices, images in batches(test, count):
-                done = complete_batch(run, images, indices, mask, decoding, device)
-                tally.add(done)
-                tiles += triplet_rows(done, PANEL_IMAGES - len(tiles) // 3)
-                arrays = to_uint8(done.result, png).permute(0, 2, 3, 1).numpy()
-                write_pngs([(staging / "images" / f"{i:06d}.png", a) for i, a in zip(indices, arrays, strict=True)],
-                           pool, atomic=False)  # the folder is published whole
-                bar.update(len(indices))
-        bar.close()
-        save_grid(tiles, staging / "grid.png", png, by_image=False)  # wide and short: a report table cell
-        distance = fd.distance(scan_folder(staging / "images"), decoding.seed, device, progress) if fd else None
-    tokens = run.config.model.num_tokens
-    common = {"mask": mask.spec, "mask_family": mask.family, "mask_ratio": tally.ratio(tokens),
-              **{k: v for k, v in decoding.fields().items() if k != "seed"},
-              "grid": f"{FOLDER}/{name}/grid.png"}
+    (folder / "images").mkdir(parents=True)
+    bar = tqdm(total=count, desc=f"inpaint {mask.spec}", unit="img", file=sys.stderr, disable=not progress)
+    with png_pool() as pool:
+        for indices, images in batches(test, count):
+            done = complete_batch(run, images, indices, mask, decoding, device)
+            tally.add(done)
+            tiles += triplet_rows(done, PANEL_IMAGES - len(tiles) // 3)
+            arrays = to_uint8(done.result, png).permute(0, 2, 3, 1).numpy()
+            write_pngs([(folder / "images" / f"{i:06d}.png", a) for i, a in zip(indices, arrays, strict=True)],
+                       pool, atomic=False)  # the folder is published whole
+            bar.update(len(indices))
+    bar.close()
+    save_grid(tiles, folder / "grid.png", png, by_image=False)  # wide and short: a report table cell
+    distance = fd.distance(scan_folder(folder / "images"), decoding.seed, device, progress) if fd else None
+    settings = decoding.fields()
+    # What was applied to this mask: dilation grows pixel masks only.
+    settings.update(dilate=decoding.dilate if mask.space == PIXEL else 0)
+    settings.pop("seed")  # the record's own `seed`
+    common = {"mask": mask.spec, "mask_family": mask.family, "mask_ratio": tally.ratio(run.config.model.num_tokens),
+              **settings, "grid": f"{FOLDER}/{folder.name}/grid.png"}
+    if mask_sha256:
+        common["mask_sha256"] = mask_sha256
     context = dict(evaluator=EVALUATOR, run=run.path.name, dataset=data.name, split="test", n_samples=tally.images,
                    seed=run.config.seed, config_hash=config_hash(run.config), sweep=sweep)
-    own = RecordContext(feature_extractor="none", **context)
-    records = build_records(own, METRICS, [
+    records = build_records(RecordContext(feature_extractor="none", **context), METRICS, [
         ("token_accuracy", tally.correct / tally.unknown, common),
         ("psnr", tally.psnr / tally.images, {**common, "psnr_ceiling": tally.ceiling / tally.images})])
     if distance is not None:
-        extracted = RecordContext(feature_extractor=fd.extractor.name, **context)
-        records += build_records(extracted, METRICS, [("fd", distance, {**common, "n_real": fd.real.count,
-                                                                         "standard_extractor": fd.extractor.standard,
-                                                                         "backend": fd.backend})])
+        fd_fields = {**common, "n_real": fd.real.count, "real_split": fd.real_split,
+                     "standard_extractor": fd.extractor.standard, "backend": fd.backend}
+        records += build_records(RecordContext(feature_extractor=fd.extractor.name, **context), METRICS,
+                                 [("fd", distance, fd_fields)])
     if not all(math.isfinite(r.value) for r in records):
         from mage_bench.errors import UserError
 
         raise UserError(f"mask {mask.spec}: a metric came out non-finite; the model or tokenizer diverged")
     return records
-
-
-@contextlib.contextmanager
-def _publishing(folder: Path) -> Iterator[Path]:
-    """A staging folder beside `folder`, swapped onto it when the block succeeds (an older copy is removed);
-    a failure leaves the older copy in place and no staging folder. One writer per run folder (its
-    evaluation job), so the swap needs no lock."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.staging-", dir=folder.parent))
-    try:
-        yield staging
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        if folder.exists():
-            os.rename(folder, old)
-        os.rename(staging, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

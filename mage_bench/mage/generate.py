@@ -92,6 +92,8 @@ def complete_tokens(model, tokens: torch.Tensor, unknown: torch.Tensor, noise: t
         chosen = probs.gather(-1, sampled[..., None]).squeeze(-1).double()  # (B, L)
         gumbel = -torch.log(-torch.log(noise[1, :, step]))
         confidence = torch.log(chosen) + temperature * (1 - ratio) * gumbel
+        # A diverged model's NaN would sort after +inf and let a known token be masked: NaN counts as least sure.
+        confidence = torch.where(confidence.isnan(), -math.inf, confidence)
         confidence = torch.where(unknown, confidence, torch.full_like(confidence, math.inf))
         rank = confidence.argsort(dim=1, stable=True).argsort(dim=1)
         unknown = rank < mask_len  # the least confident are masked again; known ones (+inf) never are

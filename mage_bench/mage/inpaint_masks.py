@@ -131,7 +131,7 @@ def _border_pixels(mask: InpaintMask, height: int, width: int) -> np.ndarray:
     frame = int(mask.where)
     if 2 * frame >= min(height, width):
         raise UserError(f"mask {mask.spec}: a {frame}-pixel border leaves nothing known in {width}x{height} "
-                        f"images; use a width below {min(height, width) // 2}")
+                        f"images; use a width of at most {(min(height, width) - 1) // 2}")
     unknown = np.ones((height, width), dtype=bool)
     unknown[frame:height - frame, frame:width - frame] = False
     return unknown
@@ -142,7 +142,8 @@ def _pixels(argument: str) -> InpaintMask:
     if not argument or not path.is_file():
         raise UserError(f"mask pixels:{argument}: no such mask image; give a PNG the size of the run's images "
                         "(white = unknown)")
-    return InpaintMask(f"pixels:{argument}", "pixels", PIXEL, where=str(path))
+    # Resolved now: a sweep's evaluation job may run in another working folder.
+    return InpaintMask(f"pixels:{argument}", "pixels", PIXEL, where=str(path.resolve()))
 
 
 def _pixels_from_file(mask: InpaintMask, height: int, width: int) -> np.ndarray:
@@ -163,6 +164,19 @@ MASK_FAMILIES.register("random")(MaskFamily(_random, _random_tokens))
 MASK_FAMILIES.register("box")(MaskFamily(_box, _box_pixels))
 MASK_FAMILIES.register("border")(MaskFamily(_border, _border_pixels))
 MASK_FAMILIES.register("pixels")(MaskFamily(_pixels, _pixels_from_file))
+
+
+def check_masks_fit(specs: Sequence[str], image_size: int) -> None:
+    """Fail (one line) unless every mask applies to `image_size`-pixel images and leaves something unknown:
+    what a sweep checks before any training."""
+    for mask in parse_masks(specs):
+        if mask.space == PIXEL:
+            nothing = not mask.pixels(image_size, image_size).any()
+        else:
+            nothing = mask.nominal_ratio == 0
+        if nothing:
+            raise UserError(f"mask {mask.spec} leaves nothing unknown in {image_size}x{image_size} images; "
+                            "nothing to complete or score (choose a ratio above 0 or a larger region)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,15 +26,19 @@ if TYPE_CHECKING:
 
 RANDOM = "random"  # the token-space family whose masks are drawn as one line per point
 MARKERS = ("s", "^", "D", "v", "P", "X", "*", "<", ">", "h")  # one per geometric mask spec
-DECODING = ("steps", "temperature", "argmax")
+DECODING = ("steps", "temperature", "argmax", "paste_back")
+REFERENCE_STYLE = {"color": "0.45", "linestyle": "--"}  # reference rows (the untrained model) on every panel
+NEEDED = ("mask", "mask_family", "mask_ratio")  # a record without these cannot be placed on the figure
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def inpaint_rows(results: pd.DataFrame) -> pd.DataFrame:
-    """The sweep runs' inpaint records (references have none)."""
-    if results.empty or "evaluator" not in results:
+def inpaint_rows(results: pd.DataFrame, role: str = "run") -> pd.DataFrame:
+    """The inpaint records of the sweep runs (`role` "run") or of the reference rows (the untrained model);
+    records lacking a mask, its family or its ratio are left out (they cannot be placed)."""
+    if results.empty or "evaluator" not in results or any(c not in results for c in NEEDED):
         return results.iloc[0:0]
-    return results[(results["evaluator"] == EVALUATOR) & (results["role"] == "run")]
+    rows = results[(results["evaluator"] == EVALUATOR) & (results["role"] == role)]
+    return rows.dropna(subset=list(NEEDED))
 
 
 def mask_order(rows: pd.DataFrame) -> list[str]:
@@ -67,6 +71,8 @@ def _setting(column: str, value: Any) -> str:
         return f"{int(value)} steps"
     if column == "temperature":
         return f"temperature {float(value):g}"
+    if column == "paste_back":
+        return "known pixels pasted back" if bool(value) else "decoded everywhere"
     return "argmax" if bool(value) else "sampled"
 
 
@@ -78,7 +84,11 @@ def decoding_note(rows: pd.DataFrame) -> str:
     differ = [c for c in DECODING if rows[c].nunique() > 1]
     if differ:
         return f"decoding settings differ between records ({', '.join(differ)})"
-    return "decoding: " + ", ".join(_setting(c, rows[c].iloc[0]) for c in DECODING)
+    note = "decoding: " + ", ".join(_setting(c, rows[c].iloc[0]) for c in DECODING)
+    dilated = set(rows["dilate"].dropna()) - {0} if "dilate" in rows else set()
+    if dilated:  # applies to pixel masks only (token masks record 0)
+        note += f"; pixel masks dilated by {', '.join(str(int(d)) for d in sorted(dilated))} token ring(s)"
+    return note
 
 
 def samples_note(rows: pd.DataFrame) -> int | None:
@@ -91,7 +101,7 @@ def _mean_std(values: pd.Series) -> tuple[float, float]:
     return float(values.mean()), float(np.nan_to_num(values.std(ddof=1)))  # one seed: no error bar
 
 
-def _draw_point(ax: Axes, data: pd.DataFrame, color: str, markers: dict[str, str]) -> None:
+def _draw_point(ax: Axes, data: pd.DataFrame, color: str, markers: dict[str, str], linestyle: str = "-") -> None:
     """One point's masks on one panel: the random masks as a line sorted by ratio, the others as markers;
     x and y are means over the point's seeds, error bars their std."""
     by_mask = {mask: group for mask, group in data.groupby("mask", sort=False)}
@@ -99,7 +109,8 @@ def _draw_point(ax: Axes, data: pd.DataFrame, color: str, markers: dict[str, str
                   for g in by_mask.values() if g["mask_family"].iloc[0] == RANDOM)
     if line:
         xs, ys, stds = np.array(line, dtype=float).T
-        ax.errorbar(xs, ys, yerr=stds, fmt="-o", color=color, capsize=3, markersize=4, linewidth=1.2)
+        ax.errorbar(xs, ys, yerr=stds, fmt="o", linestyle=linestyle, color=color, capsize=3, markersize=4,
+                    linewidth=1.2)
     for mask, group in by_mask.items():
         if group["mask_family"].iloc[0] == RANDOM:
             continue
@@ -116,6 +127,8 @@ def inpaint_figure(results: pd.DataFrame, points: list[str]) -> Figure | None:
     present = panels(rows)
     if not present:
         return None
+    references = inpaint_rows(results, role="reference")
+    references = references[references["mask"].isin(set(rows["mask"]))]
     plt = pyplot()  # selects the Agg backend before anything else of matplotlib is loaded
     from matplotlib.lines import Line2D
     cols = min(3, len(present))
@@ -128,6 +141,9 @@ def inpaint_figure(results: pd.DataFrame, points: list[str]) -> Figure | None:
         for p in points:
             if (data["point"] == p).any():
                 _draw_point(ax, data[data["point"] == p], colors[p], markers)
+        refs = references[(references["metric"] == metric) & (references["feature_extractor"] == extractor)]
+        for _, ref in refs.groupby("point", sort=True):
+            _draw_point(ax, ref, REFERENCE_STYLE["color"], markers, REFERENCE_STYLE["linestyle"])
         ax.set_title(panel_title(metric, extractor, bool(data["higher_is_better"].iloc[0])), fontsize=9)
         ax.set_xlim(0.0, 1.0)
         ax.set_xlabel("mask ratio (realised fraction of unknown tokens)", fontsize=8)
@@ -136,6 +152,8 @@ def inpaint_figure(results: pd.DataFrame, points: list[str]) -> Figure | None:
         ax.axis("off")
     drawn = [p for p in points if (rows["point"] == p).any()]
     handles = [Line2D([], [], color=colors[p], marker="o", label=short(p)) for p in drawn]
+    handles += [Line2D([], [], marker="o", label=short(name), **REFERENCE_STYLE)
+                for name in sorted(set(references["point"]))]
     handles += [Line2D([], [], color="0.3", marker=markers[m], linestyle="none", label=short(m, 40))
                 for m in geometric]
     fig.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95), borderaxespad=0)
