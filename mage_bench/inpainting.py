@@ -184,15 +184,21 @@ def source_images(run: Any, images: str, split: str = "test") -> tuple[Any, str]
     return dataset, f"{images} {split}"
 
 
-def batches(dataset: Any, count: int, batch_size: int = DECODE_BATCH) -> Any:
-    """(indices, images) of the data set's first `count` images, `batch_size` at a time."""
+def batches(dataset: Any, count: int, num_workers: int = 0, batch_size: int = DECODE_BATCH) -> Iterator[Any]:
+    """(indices, images) of the data set's first `count` images, `batch_size` at a time, decoded by
+    `num_workers` DataLoader workers (folder data: JPEG decoding would otherwise starve a GPU)."""
     from torch.utils.data import DataLoader, Subset
 
-    loader = DataLoader(Subset(dataset, range(count)), batch_size=batch_size, shuffle=False)
+    loader = DataLoader(Subset(dataset, range(count)), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     start = 0
     for images, _ in loader:
         yield list(range(start, start + len(images))), images
         start += len(images)
+
+
+def loader_workers(data: Any, dataset: Any) -> int:
+    """DataLoader workers for `dataset`: the data config's for folder data, none for tensors in memory."""
+    return data.num_workers if isinstance(dataset, FolderImages) or not hasattr(dataset, "tensors") else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +245,7 @@ def inpaint_images(run_dir: str | Path, images: str, mask: str, out_dir: str | P
     tiles: list[torch.Tensor] = []
     bar = tqdm(total=count, desc=f"inpaint {parsed.spec}", unit="img", file=sys.stderr, disable=not progress)
     with publish_folder(out) as staging, png_pool() as pool:
-        for indices, batch in batches(dataset, count):
+        for indices, batch in batches(dataset, count, loader_workers(run.config.data, dataset)):
             done = complete_batch(run, batch, indices, parsed, decoding, device)
             tiles += triplet_rows(done, GRID_IMAGES - len(tiles) // 3)
             items = []

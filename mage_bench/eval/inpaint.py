@@ -207,7 +207,7 @@ def _evaluate_mask(run: Any, test: Any, count: int, mask: Any, decoding: Any, fd
     from tqdm import tqdm
 
     from mage_bench.eval.image_sets import scan_folder
-    from mage_bench.inpainting import batches, complete_batch, save_grid, triplet_rows
+    from mage_bench.inpainting import batches, complete_batch, loader_workers, save_grid, triplet_rows
     from mage_bench.mage.inpaint_masks import PIXEL
     from mage_bench.results import RecordContext, build_records, config_hash
     from mage_bench.samples import png_pool, to_uint8, write_pngs
@@ -217,7 +217,7 @@ def _evaluate_mask(run: Any, test: Any, count: int, mask: Any, decoding: Any, fd
     (folder / "images").mkdir(parents=True)
     bar = tqdm(total=count, desc=f"inpaint {mask.spec}", unit="img", file=sys.stderr, disable=not progress)
     with png_pool() as pool:
-        for indices, images in batches(test, count):
+        for indices, images in batches(test, count, loader_workers(data, test)):
             done = complete_batch(run, images, indices, mask, decoding, device)
             tally.add(done)
             tiles += triplet_rows(done, PANEL_IMAGES - len(tiles) // 3)
