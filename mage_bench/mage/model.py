@@ -55,8 +55,18 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
 
 
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth (timm's `drop_path`): zero a residual branch per sample with probability `rate`
+    in training, scaling the kept ones by 1 / (1 - rate). The identity when rate is 0 or in eval mode."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - rate)
+    return x * keep / (1 - rate)
+
+
 class Block(nn.Module):
-    """Pre-norm ViT block (LayerNorm eps 1e-6, qkv bias, no drop-path)."""
+    """Pre-norm ViT block (LayerNorm eps 1e-6, qkv bias). `drop_path_rate` (stochastic depth) is 0 in
+    pre-training, as the official MAGE; fine-tuning sets it (`MAGE.set_drop_path`)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float) -> None:
         super().__init__()
@@ -64,10 +74,11 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, dropout)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
+        self.drop_path_rate = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
 
 class BertEmbeddings(nn.Module):
@@ -121,6 +132,13 @@ class MAGE(nn.Module):
         if cfg.legacy_params:
             self._add_legacy_params()
         self._init_weights()
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth over the encoder blocks, rising linearly from 0 to `rate` (timm's and the official
+        fine-tuning's rule); 0 turns it off."""
+        depth = len(self.blocks)
+        for i, block in enumerate(self.blocks):
+            block.drop_path_rate = rate * i / (depth - 1) if depth > 1 else rate
 
     def _add_legacy_params(self) -> None:
         """Parameters the official model defines but never uses; kept frozen so checkpoints load strictly."""
