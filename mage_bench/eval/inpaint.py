@@ -119,8 +119,8 @@ def evaluate_inpainting(run_dir: str | Path | Any, settings: Any, masks: tuple[s
     datasets = resume_inputs.evaluation_datasets(data, tuple(dict.fromkeys(splits)))
     files = {m.spec: sha256_file(m.where) for m in parsed if m.family == "pixels"}
     inputs = resume_inputs.evaluation_inputs(run, EVALUATOR, data, resume_inputs.identities_of(datasets), settings,
-                                      sweep, config_hash(run.config), SETTINGS, masks=[m.spec for m in parsed],
-                                      mask_files=files)
+                                             sweep, config_hash(run.config), SETTINGS,
+                                             masks=[m.spec for m in parsed], mask_files=files)
     path = resume_inputs.records_path(run, EVALUATOR)
     if resume and resume_inputs.inputs_match(run, EVALUATOR, inputs):
         return read_records(path)
