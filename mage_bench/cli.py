@@ -109,7 +109,8 @@ def _generation_flags(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 # EvalConfig fields that are flags of `mage-bench eval` (the same name with dashes)
-EVAL_SETTING_FLAGS = ("num_samples", "real_split", "extractor", "weights", "backend", "device", "knn_ks",
+EVAL_SETTING_FLAGS = ("num_samples", "real_split", "extractor", "weights", "backend", "device", "layers", "pooling",
+                      "knn_ks",
                       "knn_temperature", "fewshot_shots", "fewshot_draws", "probe_epochs", "probe_batch_size",
                       "probe_blr", "batch_size", "inpaint", "inpaint_images", "inpaint_steps", "inpaint_temperature",
                       "inpaint_argmax", "inpaint_paste_back", "inpaint_dilate", "inpaint_fd")
@@ -131,6 +132,8 @@ def _record_line(r: dict[str, Any]) -> str:
     label = metric_of(r["evaluator"], r["metric"]).display({r["feature_extractor"]},
                                                             standard=r.get("standard_extractor", True))
     details = "".join(f" {k}={r[k]}" for k in ("k", "shots", "mask") if k in r)
+    if "layer" in r and (r["layer"], r["pooling"]) != (r["depth"] - 1, "mean"):  # not the official feature
+        details += f" layer={r['layer']} pooling={r['pooling']}"
     spread = f" +- {r['std']:.4f}" if r.get("std") is not None and r["evaluator"] == GENERATION else ""
     return f"{r['evaluator']}: {label}{details}: {r['value']:.4f}{spread}"
 
@@ -367,6 +370,12 @@ def _add_eval_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"default {d.device}")
     p.add_argument("--batch-size", type=int,
                    help="images per feature-extraction batch (default: 256 up to 128 px, 64 at 256 px)")
+    p.add_argument("--layers", metavar="all|LIST",
+                   help="linear/fewshot/knn: encoder blocks to probe, 0-based (last = depth - 1): last (default, "
+                        "the official feature), all, or a list like 0,3,last; one forward pass for all")
+    p.add_argument("--pooling", metavar="mean|cls|mean+cls",
+                   help="linear/fewshot/knn: how a block's tokens become the feature: mean (default, official), "
+                        "cls (class token), mean+cls (both, concatenated); several comma-separated")
     p.add_argument("--knn-ks", type=int, nargs="+", metavar="K",
                    help=f"kNN: neighbour counts (default {' '.join(map(str, d.knn_ks))})")
     p.add_argument("--knn-temperature", type=float, help=f"kNN: vote temperature (default {d.knn_temperature})")

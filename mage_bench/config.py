@@ -266,6 +266,7 @@ class GenerateConfig:
 
 
 EVAL_DEVICES = ("auto", "cpu", "cuda")
+POOLING_NAMES = ("mean", "cls", "mean+cls")  # mage_bench.mage.model.POOLINGS
 REAL_SPLITS = ("train", "test")
 
 
@@ -288,6 +289,11 @@ class EvalConfig:
     # Images per batch through the run's tokenizer and encoder when extracting features; None: sized by
     # the image size (`feature_batch_size`)
     batch_size: int | None = None
+    # Which probe features the evaluators on features (linear, few-shot, kNN) read, all from one forward
+    # pass: encoder blocks ("last", "all", or 0-based indices "0,3,last") x poolings ("mean": the official
+    # mean of the block's tokens; "cls": the class token; "mean+cls": both, concatenated; comma-separated)
+    layers: str = "last"
+    pooling: str = "mean"
     # kNN (DINO's weighted vote) and retrieval
     knn_ks: tuple[int, ...] = (10, 20, 100, 200)
     knn_temperature: float = 0.07
@@ -325,6 +331,11 @@ class EvalConfig:
             value = getattr(self, name)
             require(value is None or value >= 1, f"{path}.{name} must be >= 1")
         require(self.probe_blr is None or self.probe_blr > 0, f"{path}.probe_blr must be > 0")
+        require(all(part.strip() in ("last", "all") or part.strip().isdigit() for part in self.layers.split(",")),
+                f"{path}.layers must be last, all or 0-based block indices like 0,3,last, not {self.layers!r}")
+        require(all(part.strip() in POOLING_NAMES for part in self.pooling.split(",")),
+                f"{path}.pooling must be {', '.join(POOLING_NAMES)} (or several, comma-separated), "
+                f"not {self.pooling!r}")
         require(self.inpaint_images >= 2, f"{path}.inpaint_images must be >= 2")
         require(self.inpaint_steps is None or self.inpaint_steps >= 1, f"{path}.inpaint_steps must be >= 1")
         require(self.inpaint_temperature is None or self.inpaint_temperature >= 0,
@@ -345,6 +356,18 @@ class EvalConfig:
         if self.batch_size is not None:
             return self.batch_size
         return max(1, min(256, FEATURE_PIXEL_BUDGET // (image_size * image_size)))
+
+    def feature_views(self, depth: int) -> list[tuple[int, str]]:
+        """The (block index, pooling) pairs `layers` x `pooling` name for an encoder of `depth` blocks, each once,
+        in order; an index beyond the encoder is a ConfigError."""
+        blocks: list[int] = []
+        for part in (p.strip() for p in self.layers.split(",")):
+            blocks += range(depth) if part == "all" else [depth - 1] if part == "last" else [int(part)]
+        too_deep = [b for b in blocks if b >= depth]
+        require(not too_deep, f"eval.layers: block {too_deep[0] if too_deep else 0} does not exist; the encoder has "
+                              f"{depth} blocks (0..{depth - 1}, last = {depth - 1})")
+        poolings = [p.strip() for p in self.pooling.split(",")]
+        return list(dict.fromkeys((block, pooling) for block in blocks for pooling in poolings))
 
     def probe_schedule(self) -> dict[str, Any]:
         """The linear-probe head settings given (epochs, batch_size, blr), for `HeadSchedule`."""

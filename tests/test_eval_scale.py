@@ -176,8 +176,9 @@ def test_feature_batches_follow_the_settings_and_stay_out_of_the_cache_key(run, 
     assert EvalConfig().feature_batch_size(256) == 64  # 2^22 pixels per batch above 128 px
 
     sizes = []
-    real = features.probe_features
-    monkeypatch.setattr(features, "probe_features", lambda r, images: sizes.append(len(images)) or real(r, images))
+    real = features.probe_views
+    monkeypatch.setattr(features, "probe_views", lambda r, images, views: sizes.append(len(images)) or real(r, images,
+                                                                                                           views))
     evaluate_run(run, ["knn"], EvalConfig(batch_size=100, knn_ks=(5,)), cache_dir=tmp_path / "c")
     assert max(sizes) == 100 and sum(sizes) == 1437 + 360  # both splits, in batches of the setting
 
@@ -227,11 +228,11 @@ class Counted:
 @pytest.fixture
 def counted(monkeypatch):
     spies = {"linear": Counted(linear.linear_probe), "fewshot": Counted(fewshot.few_shot),
-             "knn": Counted(knn.knn_evaluate), "features": Counted(features.extract_features)}
+             "knn": Counted(knn.knn_evaluate), "features": Counted(features.extract_views)}
     monkeypatch.setattr(linear, "linear_probe", spies["linear"])
     monkeypatch.setattr(fewshot, "few_shot", spies["fewshot"])
     monkeypatch.setattr(knn, "knn_evaluate", spies["knn"])
-    monkeypatch.setattr(features, "extract_features", spies["features"])
+    monkeypatch.setattr(features, "extract_views", spies["features"])
     return spies
 
 

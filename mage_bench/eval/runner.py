@@ -106,6 +106,7 @@ def _knn(train_x, train_y, test_x, test_y, seed: int, settings: EvalConfig, devi
 
 
 PROBE_SETTINGS = ("probe_epochs", "probe_batch_size", "probe_blr")
+FEATURE_SETTINGS = ("layers", "pooling")  # what every evaluator on cached features also depends on
 EVALUATORS.register("linear")(Evaluator(_linear, linear.METRICS))
 EVALUATORS.register("linear-mae-cached")(Evaluator(_linear_mae_cached, linear_views.PROBE_METRICS,
                                                    settings=PROBE_SETTINGS))
@@ -156,24 +157,38 @@ def evaluate_run(run_dir: str | Path | Any, names: list[str], settings: EvalConf
     device = resolve_device(settings.device)
     run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, device)
     config, data = run.config, run_data_config(run.config, data_name)
+    depth = config.model.depth
+    views = settings.feature_views(depth)  # (block, pooling) pairs; a block beyond the encoder fails here
+    official = (depth - 1, "mean")
+    on_run = [name for name in names if EVALUATORS.get(name).on_run]
+    if on_run and views != [official]:
+        raise UserError(f"--layers/--pooling choose cached features; {on_run[0]} probes the official feature on "
+                        "fresh views (use --protocol mae-cached for other layers)")
     run_hash = config_hash(config)
     datasets = evaluation_datasets(data, ("train", "test"))  # listed once: identities and features share them
     identities = identities_of(datasets)
     inputs = {name: evaluation_inputs(run, name, data, identities, settings, sweep, run_hash,
-                                      EVALUATORS.get(name).settings) for name in names}
+                                      EVALUATORS.get(name).settings + (() if name in on_run else FEATURE_SETTINGS))
+              for name in names}
     written = {name: read_records(records_path(run, name)) for name in names
                if resume and inputs_match(run, name, inputs[name])}
     todo = [name for name in names if name not in written]
     features = None
-    if any(not EVALUATORS.get(name).on_run for name in todo):
-        features = _cached_features(run, data, datasets, device, cache_dir, progress,
+    if any(name not in on_run for name in todo):
+        features = _cached_features(run, data, datasets, views, device, cache_dir, progress,
                                     settings.feature_batch_size(data.image_size))
     for name in todo:
         evaluator = EVALUATORS.get(name)
         if evaluator.on_run:
             rows, n_test = evaluator.compute(run, data, config.seed, settings, device, progress)
+            rows = [(key, value, {**extra, **_view_fields(official, depth)}) for key, value, extra in rows]
         else:
-            rows, n_test = evaluator.compute(*features, config.seed, settings, device), len(features[3])
+            rows = []
+            for view in views:  # every record says which block and pooling its feature came from
+                train_x, train_y, test_x, test_y = features[view]
+                rows += [(key, value, {**extra, **_view_fields(view, depth)}) for key, value, extra
+                         in evaluator.compute(train_x, train_y, test_x, test_y, config.seed, settings, device)]
+            n_test = len(test_y)
         context = RecordContext(evaluator=name, run=run.path.name, dataset=data.name, split="test",
                                 feature_extractor=FEATURE_EXTRACTOR, n_samples=n_test, seed=config.seed,
                                 config_hash=run_hash, sweep=sweep)
@@ -184,16 +199,24 @@ def evaluate_run(run_dir: str | Path | Any, names: list[str], settings: EvalConf
     return {name: written[name] for name in names}
 
 
-def _cached_features(run: Any, data: DataConfig, datasets: dict[str, Any], device: str, cache_dir: str | Path | None,
-                     progress: bool, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(train_x, train_y, test_x, test_y) of the run's probe features, from the cache when present."""
-    from mage_bench.eval.features import extract_features
+def _view_fields(view: tuple[int, str], depth: int) -> dict[str, Any]:
+    """What a probe record says of its feature: the block (0-based; the last is depth - 1) and the pooling."""
+    return {"layer": view[0], "pooling": view[1], "depth": depth}
 
-    train_x, train_y, _ = extract_features(run, data, "train", batch_size=batch_size, device=device,
-                                           cache_dir=cache_dir, progress=progress, dataset=datasets["train"])
-    test_x, test_y, _ = extract_features(run, data, "test", batch_size=batch_size, device=device,
-                                         cache_dir=cache_dir, progress=progress, dataset=datasets["test"])
-    return np.asarray(train_x), train_y, np.asarray(test_x), test_y
+
+def _cached_features(run: Any, data: DataConfig, datasets: dict[str, Any], views: list[tuple[int, str]], device: str,
+                     cache_dir: str | Path | None, progress: bool,
+                     batch_size: int | None = None) -> dict[tuple[int, str], tuple[Any, Any, Any, Any]]:
+    """{view: (train_x, train_y, test_x, test_y)} of the run's probe features, from the cache when present;
+    the views missing from it are extracted in one pass per split."""
+    from mage_bench.eval.features import extract_views
+
+    out: dict[str, Any] = {}
+    for split in ("train", "test"):
+        out[split] = extract_views(run, data, split, views, batch_size=batch_size, device=device,
+                                   cache_dir=cache_dir, progress=progress, dataset=datasets[split])
+    (train, train_y, _), (test, test_y, _) = out["train"], out["test"]
+    return {view: (np.asarray(train[view]), train_y, np.asarray(test[view]), test_y) for view in views}
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ The masking distribution is not in here: callers pass `mask` and `drop` (see mag
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -110,6 +112,22 @@ class MlmLayer(nn.Module):
         # autocast (10 mantissa bits); under bf16 (7 bits) they would be coarser than the official ones.
         with torch.autocast(device_type=x.device.type, enabled=False):
             return hidden.float() @ word_embeddings.float().t() + self.bias.float()  # (B, N, vocab)
+
+
+def _mean_pool(x: torch.Tensor) -> torch.Tensor:
+    """Mean of tokens 1..L, then a parameter-free LayerNorm (the official probe's pooling)."""
+    return F.layer_norm(x[:, 1:].mean(dim=1), (x.shape[-1],), eps=1e-6)
+
+
+def _cls_pool(x: torch.Tensor) -> torch.Tensor:
+    """The class token's output, through the same parameter-free LayerNorm."""
+    return F.layer_norm(x[:, 0], (x.shape[-1],), eps=1e-6)
+
+
+# How a block's tokens become one probe feature. "mean+cls" concatenates both (DINOv2's linear evaluation
+# joins the class token and the average-pooled patch tokens the same way).
+POOLINGS = {"mean": _mean_pool, "cls": _cls_pool,
+            "mean+cls": lambda x: torch.cat([_mean_pool(x), _cls_pool(x)], dim=1)}
 
 
 class MAGE(nn.Module):
@@ -239,6 +257,23 @@ class MAGE(nn.Module):
         for block in self.blocks:
             x = block(x)
         return F.layer_norm(x[:, 1:].mean(dim=1), (x.shape[-1],), eps=1e-6)  # (B, D)
+
+    def layer_features(self, tokens: torch.Tensor, layers: Sequence[int],
+                       poolings: Sequence[str]) -> dict[tuple[int, str], torch.Tensor]:
+        """Probe features of several blocks and poolings from ONE forward pass, nothing masked:
+        {(block index, pooling): float[B, D or 2D]}. Block i is 0-based (the last is depth - 1); poolings
+        are `POOLINGS`. At the last block, "mean" is exactly `features` (the same operations)."""
+        unknown = sorted(set(poolings) - set(POOLINGS))
+        if unknown or any(not 0 <= layer < len(self.blocks) for layer in layers):
+            raise ValueError(f"layers must be in [0, {len(self.blocks) - 1}] and poolings in {sorted(POOLINGS)}; "
+                             f"got {sorted(set(layers))}, {sorted(set(poolings))}")
+        x = self.embed_tokens(tokens, torch.zeros_like(tokens, dtype=torch.bool))
+        out: dict[tuple[int, str], torch.Tensor] = {}
+        for index, block in enumerate(self.blocks[:max(layers) + 1]):  # blocks past the deepest asked are skipped
+            x = block(x)
+            if index in layers:
+                out.update({(index, pooling): POOLINGS[pooling](x) for pooling in poolings})
+        return out
 
     def _check(self, tokens: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor, n_drop: int | None) -> None:
         if tokens.shape[1] != self.config.num_tokens:

@@ -147,24 +147,34 @@ def collect(paths: list[str | Path]) -> Collected:
     return Collected(results, sweeps, failed, folders)
 
 
+def official_view(results: pd.DataFrame) -> pd.Series:
+    """Rows of the official probe feature (the last block, mean-pooled), or of no probe feature at all:
+    a headline never mixes the depth profile's other blocks and poolings into one number."""
+    if not {"layer", "pooling", "depth"} <= set(results.columns):  # records of no probe view (or older ones)
+        return pd.Series(True, index=results.index)
+    no_view = results["layer"].isna()
+    last_mean = (results["layer"] == results["depth"] - 1) & (results["pooling"] == "mean")
+    return no_view | last_mean
+
+
 def select(results: pd.DataFrame, headline: Headline) -> pd.DataFrame:
     if results.empty:
         return results
     mask = (results["evaluator"] == headline.evaluator) & (results["metric"] == headline.metric)
     for column, value in headline.where.items():
         mask &= results.get(column, pd.Series(np.nan, index=results.index)) == value
-    return results[mask]
+    return results[mask & official_view(results)]
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean, std (ddof 1) and count over seeds per (point, evaluator, metric, k, shots, mask).
+    """Mean, std (ddof 1) and count over seeds per (point, evaluator, metric, k, shots, mask, layer, pooling).
 
     `mask` (inpaint records) keeps different masks of one metric apart; records without one (every other
     evaluator) group as before, their key columns held by a placeholder only while grouping."""
-    keys = [c for c in ("role", "point", "evaluator", "metric", "feature_extractor", "k", "shots", "mask")
-            if c in results]
+    keys = [c for c in ("role", "point", "evaluator", "metric", "feature_extractor", "k", "shots", "mask", "layer",
+                        "pooling") if c in results]
     # groupby drops rows whose key is NaN: fill each optional key with a value it never takes, then undo.
-    placeholders = {"k": -1, "shots": -1, "mask": ""}
+    placeholders = {"k": -1, "shots": -1, "mask": "", "layer": -1, "pooling": ""}
     frame = results.copy()
     for column, placeholder in placeholders.items():
         if column in frame:
