@@ -113,7 +113,8 @@ EVAL_SETTING_FLAGS = ("num_samples", "real_split", "extractor", "weights", "back
                       "knn_ks",
                       "knn_temperature", "fewshot_shots", "fewshot_draws", "probe_epochs", "probe_batch_size",
                       "probe_blr", "batch_size", "inpaint", "inpaint_images", "inpaint_steps", "inpaint_temperature",
-                      "inpaint_argmax", "inpaint_paste_back", "inpaint_dilate", "inpaint_fd")
+                      "inpaint_argmax", "inpaint_paste_back", "inpaint_dilate", "inpaint_fd", "finetune",
+                      "finetune_steps")
 
 
 def _eval_settings(args: argparse.Namespace) -> Any:
@@ -180,6 +181,22 @@ def _check_protocol_flags(args: argparse.Namespace) -> None:
         raise UserError(f"{probe_flags[0]} needs `eval linear --protocol mae` or `--protocol mae-cached`")
 
 
+def cmd_eval_finetune(args: argparse.Namespace) -> int:
+    from mage_bench.eval.finetune import EVALUATOR, finetune_run
+
+    if not args.run:
+        raise UserError("`mage-bench eval finetune` needs --run RUN_DIR")
+    if args.preset and args.finetune and args.preset != args.finetune:
+        raise UserError(f"--preset {args.preset} and --finetune {args.finetune} disagree; give one of them")
+    records = finetune_run(args.run, preset=args.preset or args.finetune, resume=args.resume,
+                           progress=_progress_enabled(args), device=args.device or "auto", steps=args.finetune_steps)
+    lines = [_record_line(r) for r in records]
+    _emit(args, records, "\n".join(lines) + f"\n(preset {records[0]['preset']}, {records[0]['n_samples']} test "
+                                            f"images; checkpoint and log under {args.run}/finetune/)\nrecords: "
+                                            f"{args.run}/eval/{EVALUATOR}.json")
+    return 0
+
+
 def cmd_eval_inpaint(args: argparse.Namespace) -> int:
     from mage_bench.eval.inpaint import EVALUATOR, evaluate_inpainting
 
@@ -213,15 +230,30 @@ def _check_inpaint_flags(args: argparse.Namespace) -> None:
                             "(which completes --inpaint-images test images of the run's data)")
 
 
+def _check_finetune_flags(args: argparse.Namespace) -> None:
+    """--preset/--resume belong to `eval finetune`, --finetune/--finetune-steps to it and `eval all`."""
+    if args.evaluator != "finetune" and (args.preset or args.resume):
+        raise UserError(f"{'--preset' if args.preset else '--resume'} applies to `eval finetune` only")
+    if args.evaluator not in ("finetune", "all") and (args.finetune or args.finetune_steps is not None):
+        flag = "--finetune" if args.finetune else "--finetune-steps"
+        raise UserError(f"{flag} applies to `eval finetune` and `eval all`, not `eval {args.evaluator}`")
+    if args.evaluator == "all" and args.finetune_steps is not None and not args.finetune:
+        raise UserError("--finetune-steps needs --finetune PRESET with `eval all` (it fine-tunes only when a "
+                        "preset is given)")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     _check_protocol_flags(args)
     _check_inpaint_flags(args)
+    _check_finetune_flags(args)
     if args.evaluator == "fid":
         return cmd_eval_fid(args)
     if args.evaluator == "all":
         return cmd_eval_all(args)
     if args.evaluator == "inpaint":
         return cmd_eval_inpaint(args)
+    if args.evaluator == "finetune":
+        return cmd_eval_finetune(args)
     if not args.run:
         raise UserError(f"`mage-bench eval {args.evaluator}` needs --run RUN_DIR")
     from mage_bench.eval.runner import evaluate_run
@@ -441,15 +473,15 @@ def _add_inpaint_parser(sub: Any) -> None:
 
 def _add_eval_parser(sub: Any) -> None:
     p = sub.add_parser(
-        "eval", help="FID/IS/KID/PR, linear probe, few-shot, kNN, masked reconstruction",
+        "eval", help="FID/IS/KID/PR, linear probe, few-shot, kNN, masked reconstruction, fine-tuning",
         description="Evaluate generation (fid: --real/--fake), representations (linear|fewshot|knn: --run), "
                     "masked reconstruction (inpaint: --run --masks), or all at once (all: --run).",
         epilog="examples:\n  mage-bench eval fid --real digits --fake runs/demo --num-samples 1000 --isc --kid\n"
                "  mage-bench eval fid --real imagenet_val_png/ --fake samples/ --weights "
                "weights-inception-2015-12-05-6726825d.pth\n  mage-bench eval all --run runs/demo",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("evaluator", choices=["fid", "linear", "fewshot", "knn", "inpaint", "all"])
-    p.add_argument("--run", help="run folder (linear, fewshot, knn, inpaint, all)")
+    p.add_argument("evaluator", choices=["fid", "linear", "fewshot", "knn", "inpaint", "finetune", "all"])
+    p.add_argument("--run", help="run folder (linear, fewshot, knn, inpaint, finetune, all)")
     p.add_argument("--data", help="data set for the representation evaluators (default: the run's)")
     p.add_argument("--real", help="fid: reference images, a folder or a data set (digits, imagefolder:PATH, ...)")
     p.add_argument("--fake", help="fid: generated images, a folder, or a run folder (then --num-samples images "
@@ -465,6 +497,16 @@ def _add_eval_parser(sub: Any) -> None:
                         "GPUs; records evaluator linear-mae) | mae-cached (the same head on the cached "
                         "centre-crop features, no augmentation: fast, not the paper's numbers; records "
                         "evaluator linear-mae-cached)")
+    p.add_argument("--preset", help="finetune: vit_base | vit_large (the paper's recipes) | digits (CPU); default: "
+                                    "digits for the digits data set, else by the run's model size")
+    p.add_argument("--resume", action="store_true",
+                   help="finetune: continue an interrupted fine-tuning (bitwise), or read back a finished one")
+    p.add_argument("--finetune", metavar="PRESET",
+                   help="all: also fine-tune the encoder with this preset, as `eval finetune --preset` (a sweep's "
+                        "eval.finetune)")
+    p.add_argument("--finetune-steps", type=int, metavar="N",
+                   help="finetune: optimizer steps the warmup + cosine schedule spans, instead of the preset's "
+                        "epochs (a shorter budget; recorded)")
     p.add_argument("--isc", action="store_true", help="also the Inception Score")
     p.add_argument("--kid", action="store_true", help="also KID")
     p.add_argument("--prc", action="store_true", help="also precision and recall")

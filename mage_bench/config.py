@@ -315,6 +315,10 @@ class EvalConfig:
     inpaint_paste_back: bool = False  # known pixels of the input pasted over the decoded ones
     inpaint_dilate: int = 0  # pixel masks: grow the overlapping tokens by this many rings (official demo: 1)
     inpaint_fd: bool = True  # also the FD/FID of completed images against the real split (the extractor's)
+    # End-to-end fine-tuning (`eval finetune`) of every run after the other evaluators, with this preset
+    # (`mage_bench.eval.finetune.FINETUNE_PRESETS`: vit_base, vit_large, digits); None: not in sweeps
+    finetune: str | None = None
+    finetune_steps: int | None = None  # optimizer steps the schedule spans instead of the preset's epochs
     # Sweeps only: also evaluate raw pixels, the untrained model and real held-out images
     references: bool = True
 
@@ -341,6 +345,7 @@ class EvalConfig:
         require(self.inpaint_temperature is None or self.inpaint_temperature >= 0,
                 f"{path}.inpaint_temperature must be >= 0")
         require(self.inpaint_dilate >= 0, f"{path}.inpaint_dilate must be >= 0")
+        require(self.finetune_steps is None or self.finetune_steps >= 1, f"{path}.finetune_steps must be >= 1")
         if self.inpaint:
             from mage_bench.mage.inpaint_masks import parse_masks
 

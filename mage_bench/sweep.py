@@ -323,6 +323,10 @@ def run_sweep(name_or_path: str, preset: str | None = None, executor: str | None
 
         for size in sorted({plan.config.data.image_size for plan in plans}):
             check_masks_fit(spec.eval.inpaint, size)
+    if spec.eval.finetune is not None:  # an unknown preset must not surface after training
+        from mage_bench.eval.finetune import FINETUNE_PRESETS
+
+        FINETUNE_PRESETS.get(spec.eval.finetune)  # UserError naming the presets
     if dry_run:
         return {"dry_run": True, "table": dry_run_table(ctx, plans, weights), "runs": [p.meta(spec) for p in plans],
                 "differs": ctx.differs}

@@ -118,13 +118,13 @@ EVALUATORS.register("knn")(Evaluator(_knn, knn.METRICS, settings=("knn_ks", "knn
 
 def metric_of(evaluator: str, key: str) -> Metric:
     """The declaration of an evaluator's metric (generation metrics included), e.g. for labels."""
-    from mage_bench.eval import inpaint
+    from mage_bench.eval import finetune, inpaint
     from mage_bench.eval.fid_backends import METRICS as GENERATION_METRICS
     from mage_bench.eval.generation import EVALUATOR as GENERATION
     from mage_bench.metrics import declared
 
-    # The evaluators on generated or completed images keep their own wiring (they are not on features).
-    own = {GENERATION: GENERATION_METRICS, inpaint.EVALUATOR: inpaint.METRICS}
+    # The evaluators on generated or completed images, and fine-tuning, keep their own wiring (not on features).
+    own = {GENERATION: GENERATION_METRICS, inpaint.EVALUATOR: inpaint.METRICS, finetune.EVALUATOR: finetune.METRICS}
     metrics = own[evaluator] if evaluator in own else EVALUATORS.get(evaluator).metrics
     return declared(metrics, key, evaluator)
 
@@ -232,8 +232,8 @@ def evaluate_all(run_dir: str | Path | Any, settings: EvalConfig = DEFAULT_EVAL,
     `run_dir` is a run folder or a `LoadedRun`. `settings.num_samples` defaults to the number of
     reference images (the real split of the run's data set), so both sides of the Fréchet distance have
     the same count; `samples` passes images generated already (an `ImageSet` of that many).
-    Writes RUN/eval/{linear,fewshot,knn,fid}.json, and RUN/eval/inpaint.json when `settings.inpaint` names
-    masks. `resume`: evaluators (fid and inpaint included) whose records exist and were computed from the
+    Writes RUN/eval/{linear,fewshot,knn,fid}.json, RUN/eval/inpaint.json when `settings.inpaint` names
+    masks, and RUN/eval/finetune.json (after fine-tuning into RUN/finetune/) when `settings.finetune` names a preset. `resume`: evaluators (fid and inpaint included) whose records exist and were computed from the
     same inputs are read back, not recomputed (module doc).
     """
     import dataclasses
@@ -262,6 +262,12 @@ def evaluate_all(run_dir: str | Path | Any, settings: EvalConfig = DEFAULT_EVAL,
 
         written[INPAINT] = evaluate_inpainting(run, settings, data_name=data_name, cache_dir=cache_dir,
                                                progress=progress, sweep=sweep, resume=resume)
+    if settings.finetune:  # end-to-end fine-tuning, when the settings (a sweep's eval.finetune) ask for it
+        from mage_bench.eval.finetune import EVALUATOR as FINETUNE
+        from mage_bench.eval.finetune import finetune_run
+
+        written[FINETUNE] = finetune_run(run.path, preset=settings.finetune, resume=resume, progress=progress,
+                                         device=settings.device, sweep=sweep, steps=settings.finetune_steps)
     return written
 
 
