@@ -19,7 +19,9 @@ reduced over processes and checked for non-finite values once per log record and
 checkpoint; the encoder's length comes from the config, not from the drop mask.
 
 The objective is `mage.objective`; the folder, resume, loop, log and checkpoints are the skeleton
-`mage_bench.training` shares with the tokenizer trainer.
+`mage_bench.training` shares with the tokenizer trainer. Rank 0 adds the training-time proxies
+(`mage_bench.proxies`: kNN top-1 and a small-sample FD) to the log line of every proxy step; they draw
+nothing from the training's random streams, so the weights are those of a run without them.
 """
 
 from __future__ import annotations
@@ -36,13 +38,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mage_bench.config import RunConfig, dump_yaml, to_dict
+from mage_bench.config import RunConfig, TrainConfig, dump_yaml, to_dict
 from mage_bench.data import create_dataset, is_in_memory
 from mage_bench.errors import ConfigError, UserError
 from mage_bench.io import atomic_torch_save, atomic_write_json, atomic_write_text, check_output_folder
 from mage_bench.mage import objective
 from mage_bench.mage.masking import batch_ratios, num_dropped, rank_token_masks, resolve_masking
 from mage_bench.mage.model import MAGE
+from mage_bench.proxies import TrainingProxies, proxies_enabled, proxy_due
 from mage_bench.runs import CHECKPOINT_FILE, CONFIG_FILE, LAUNCH_FILE, read_launch
 from mage_bench.schedule import warmup_cosine
 from mage_bench.training import Cadence, TrainingFailed, TrainingFolder, rng_state, run_steps, set_rng_state
@@ -434,8 +437,8 @@ class WindowedSteps:
 
     failure_hint = "lower train.blr or raise train.warmup_steps"
 
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
+    def __init__(self, trainer: Trainer, proxies: TrainingProxies | None = None) -> None:
+        self.trainer, self.proxies = trainer, proxies  # proxies: rank 0's, or None (other ranks, or off)
         self.keys: list[str] | None = None
         self.sums: torch.Tensor | None = None  # [len(keys)] on the device
         self.mask_ratio: torch.Tensor | float = 0.0  # sum over the window (the ratios live on the host)
@@ -468,6 +471,8 @@ class WindowedSteps:
         record = {"step": step, "epoch": self.trainer.stream.epoch, "lr": self.lr, **means,
                   "mask_ratio": float(self.mask_ratio) / max(self.window_steps, 1), "time_s": round(time_s, 3)}
         self.sums, self.mask_ratio, self.window_steps = None, 0.0, 0
+        if self.proxies is not None and self.proxies.due(step):  # rank 0 only; the others go on to the
+            record.update(self.proxies(step))  # next step and wait for it in its first collective
         return record
 
     def postfix(self, record: dict[str, Any]) -> dict[str, str]:
@@ -477,6 +482,17 @@ class WindowedSteps:
         if self.window_steps:  # steps since the last record: never checkpoint a non-finite state
             self._window_means()
         return self.trainer.state(step, elapsed)
+
+
+@dataclass(frozen=True)
+class ProxyCadence(Cadence):
+    """`Cadence` whose proxy steps are log steps too: the proxies go on that step's metrics.jsonl line, so
+    resuming rewinds them with it."""
+
+    train: TrainConfig | None = None
+
+    def logs_at(self, step: int) -> bool:
+        return super().logs_at(step) or (self.train is not None and proxy_due(step, self.train))
 
 
 def launch_record(config: RunConfig, world: int) -> dict[str, Any]:
@@ -522,8 +538,10 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, progress
         atomic_write_json(run / LAUNCH_FILE, launch)
     if step >= tcfg.steps:  # finished already: resuming is a no-op
         return {"run": str(run), "step": step, "finished": True}
-    cadence = Cadence(tcfg.steps, tcfg.log_every, tcfg.checkpoint_every)
-    step, elapsed = run_steps(WindowedSteps(trainer), folder, cadence, (step, elapsed), stop_at, progress,
+    cadence = ProxyCadence(tcfg.steps, tcfg.log_every, tcfg.checkpoint_every, tcfg)
+    proxies = (TrainingProxies(config, trainer.model, trainer.stream.tokenizer, runtime.device)
+               if runtime.is_main and proxies_enabled(tcfg) else None)
+    step, elapsed = run_steps(WindowedSteps(trainer, proxies), folder, cadence, (step, elapsed), stop_at, progress,
                               desc="train")
     return {"run": str(run), "step": step, "finished": step >= tcfg.steps, "train_time_s": round(elapsed, 1)}
 

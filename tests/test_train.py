@@ -10,6 +10,13 @@ from mage_bench.io import safe_torch_load
 from mage_bench.train import TrainingFailed, train
 
 
+@pytest.fixture(autouse=True)
+def _outside_the_checkout(tmp_path, monkeypatch):
+    """Runs start in tmp_path: the FD proxy reads models/digits-cnn from the working folder, so weights that
+    another process puts into the checkout mid-test cannot make two runs of one test differ."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _config(layer, **sections):
     return resolve_config(RunConfig, layer, sections or None)
 
@@ -191,7 +198,7 @@ def test_cli_training_survives_kill_9(tmp_path, tiny_run_layer):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(layer))
     command = [sys.executable, "-m", "mage_bench.cli", "train", "--config", str(config), "--quiet"]
-    victim = subprocess.Popen(command + ["--out", str(tmp_path / "killed")])
+    victim = subprocess.Popen(command + ["--out", str(tmp_path / "killed")], cwd=tmp_path)
     checkpoint = tmp_path / "killed" / "checkpoint.pt"
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and time.monotonic() < deadline:
@@ -200,8 +207,8 @@ def test_cli_training_survives_kill_9(tmp_path, tiny_run_layer):
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     assert safe_torch_load(checkpoint)["step"] < 300, "training finished before it could be killed"
-    subprocess.run(command + ["--out", str(tmp_path / "killed"), "--resume"], check=True)
-    subprocess.run(command + ["--out", str(tmp_path / "straight")], check=True)
+    subprocess.run(command + ["--out", str(tmp_path / "killed"), "--resume"], check=True, cwd=tmp_path)
+    subprocess.run(command + ["--out", str(tmp_path / "straight")], check=True, cwd=tmp_path)
     a, b = _weights(tmp_path / "killed"), _weights(tmp_path / "straight")
     assert all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda run: [{k: v for k, v in json.loads(x).items() if k != "time_s"}  # noqa: E731
