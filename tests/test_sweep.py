@@ -265,7 +265,9 @@ def _results(report: Path) -> pd.DataFrame:
 
 def test_local_sweep_end_to_end_then_skips_done_runs(tmp_path, tiny_tokenizer_dir, digits_cnn, capsys):
     path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn,
-                      eval_extra={"inpaint": ["random:0.5", "box:center"], "inpaint_images": 12})
+                      eval_extra={"inpaint": ["random:0.5", "box:center"], "inpaint_images": 12,
+                                  "layers": "0,last", "pooling": "mean,cls", "finetune": "digits",
+                                  "finetune_steps": 2})
     runs, report = tmp_path / "runs", tmp_path / "report"
     assert main(["sweep", str(path), "--runs", str(runs), "--out", str(report)]) == 0
     out = capsys.readouterr().out
@@ -276,6 +278,13 @@ def test_local_sweep_end_to_end_then_skips_done_runs(tmp_path, tiny_tokenizer_di
     assert len(inpaint[inpaint["role"] == "run"]) == 2 * 2 * 3 and set(inpaint["mask"]) == {"random:0.5", "box:center"}
     assert set(inpaint[inpaint["role"] == "reference"]["point"]) == {"reference: untrained model"}
     assert "Masked reconstruction (inpainting)" in (report / "index.html").read_text()
+    knn = results[(results["evaluator"] == "knn") & (results["role"] == "run") & (results["metric"] == "top1")]
+    assert set(zip(knn["layer"], knn["pooling"], strict=True)) == {(0, "mean"), (0, "cls"), (1, "mean"), (1, "cls")}
+    assert "Representation against depth" in (report / "index.html").read_text()  # eval.layers: the profile
+    finetune = results[results["evaluator"] == "finetune"]  # eval.finetune: every run and the untrained model
+    assert len(finetune[finetune["role"] == "run"]) == 2 * 2 and set(finetune["metric"]) == {"top1", "top5"}
+    assert set(finetune[finetune["role"] == "reference"]["point"]) == {"reference: untrained model"}
+    assert set(finetune["steps"]) == {2} and set(finetune["preset"]) == {"digits"}
     assert set(results[results["role"] == "reference"]["point"]) == {
         "reference: raw pixels", "reference: untrained model", "reference: real held-out images"}
     assert set(results[results["role"] == "run"]["sweep"]) == {"micro"}

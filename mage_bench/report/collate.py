@@ -69,6 +69,7 @@ HEADLINES = (
     Headline("fid", "fid", "fid"),
     Headline("is", "fid", "is"),
     Headline("kid", "fid", "kid"),
+    Headline("finetune", "finetune", "top1"),  # `eval finetune` / eval.finetune: present only when run
 )
 
 
