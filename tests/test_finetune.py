@@ -1,6 +1,7 @@
 """`eval finetune`: the official fine-tuning recipe (layer-wise lr decay, head init), exact resume, DDP
-sharding, records and bad input. That the digits preset beats the frozen linear probe on a realistically
-pre-trained run takes minutes: tests/benchmarks/finetune_digits.py prints that comparison."""
+sharding, records and bad input, and that fine-tuning beats the frozen linear probe (on the tests' barely
+pre-trained tiny run, with a 200-step budget). The same comparison on a realistically pre-trained run takes
+minutes: tests/benchmarks/finetune_digits.py prints it."""
 
 import json
 import os
@@ -351,3 +352,17 @@ def test_the_cli_fine_tunes_and_refuses_flags_that_would_do_nothing(run, capsys)
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_fine_tuning_beats_the_frozen_linear_probe(run):
+    """The digits preset with its schedule squeezed into 200 steps (batch 128) against logistic regression on
+    the same run's frozen official feature, on the same test split: measured 0.811 vs 0.703 (200 steps take
+    ~15 s on 2 cores; 60 steps, 0.597, do not yet beat the probe)."""
+    from mage_bench.config import EvalConfig
+    from mage_bench.eval.runner import evaluate_run
+
+    probe = evaluate_run(run, ["linear"], EvalConfig(device="cpu"))["linear"]
+    tuned = ft.finetune_run(run, device="cpu", steps=200)
+    top1 = {r["evaluator"]: r["value"] for r in probe + tuned if r["metric"] == "top1"}
+    assert {r["n_samples"] for r in probe + tuned} == {360}  # the same test split
+    assert top1["finetune"] > top1["linear"] + 0.05, top1
