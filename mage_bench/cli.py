@@ -160,7 +160,7 @@ def cmd_eval_all(args: argparse.Namespace) -> int:
         raise UserError("`mage-bench eval all` needs --run RUN_DIR")
     written = evaluate_all(args.run, _eval_settings(args), data_name=args.data,
                            flags=_generation_flags(args) + ("isc", "kid"), cache_dir=args.cache,
-                           progress=_progress_enabled(args))
+                           progress=_progress_enabled(args), resume=args.resume)
     lines = [_record_line(r) for records in written.values() for r in records]
     _emit(args, written, "\n".join(lines) + f"\nrecords: {args.run}/eval/{{{','.join(written)}}}.json")
     return 0
@@ -230,10 +230,24 @@ def _check_inpaint_flags(args: argparse.Namespace) -> None:
                             "(which completes --inpaint-images test images of the run's data)")
 
 
+# Flags `eval finetune` reads besides --run, --preset, --resume and the output ones: the rest would do nothing.
+FINETUNE_FLAGS = ("device", "finetune", "finetune_steps")
+FEATURE_EVALUATORS = ("linear", "fewshot", "knn", "all")  # the evaluators --layers/--pooling choose features for
+
+
 def _check_finetune_flags(args: argparse.Namespace) -> None:
-    """--preset/--resume belong to `eval finetune`, --finetune/--finetune-steps to it and `eval all`."""
-    if args.evaluator != "finetune" and (args.preset or args.resume):
-        raise UserError(f"{'--preset' if args.preset else '--resume'} applies to `eval finetune` only")
+    """--preset belongs to `eval finetune`, --resume to it and `eval all`, --finetune/--finetune-steps to both;
+    `eval finetune` takes no evaluation setting but its own and --device."""
+    if args.evaluator != "finetune" and args.preset:
+        raise UserError("--preset applies to `eval finetune` only (`eval all` takes --finetune PRESET)")
+    if args.evaluator not in ("finetune", "all") and args.resume:
+        raise UserError("--resume applies to `eval finetune` and `eval all` only")
+    if args.evaluator == "finetune":
+        ignored = [name for name in EVAL_SETTING_FLAGS if name not in FINETUNE_FLAGS and getattr(args, name) is not None]
+        ignored += [name for name in ("data", "cache") if getattr(args, name)]
+        if ignored:
+            raise UserError(f"--{ignored[0].replace('_', '-')} does not apply to `eval finetune`, which fine-tunes "
+                            "on the run's own data with the preset's settings (override steps with --finetune-steps)")
     if args.evaluator not in ("finetune", "all") and (args.finetune or args.finetune_steps is not None):
         flag = "--finetune" if args.finetune else "--finetune-steps"
         raise UserError(f"{flag} applies to `eval finetune` and `eval all`, not `eval {args.evaluator}`")
@@ -242,7 +256,15 @@ def _check_finetune_flags(args: argparse.Namespace) -> None:
                         "preset is given)")
 
 
+def _check_feature_flags(args: argparse.Namespace) -> None:
+    if args.evaluator not in FEATURE_EVALUATORS and (args.layers or args.pooling):
+        flag = "--layers" if args.layers else "--pooling"
+        raise UserError(f"{flag} applies to `eval linear|fewshot|knn|all` (the probe features), not "
+                        f"`eval {args.evaluator}`")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    _check_feature_flags(args)
     _check_protocol_flags(args)
     _check_inpaint_flags(args)
     _check_finetune_flags(args)
@@ -500,7 +522,8 @@ def _add_eval_parser(sub: Any) -> None:
     p.add_argument("--preset", help="finetune: vit_base | vit_large (the paper's recipes) | digits (CPU); default: "
                                     "digits for the digits data set, else by the run's model size")
     p.add_argument("--resume", action="store_true",
-                   help="finetune: continue an interrupted fine-tuning (bitwise), or read back a finished one")
+                   help="finetune: continue an interrupted fine-tuning (bitwise), or read back a finished one; "
+                        "all: also read back every evaluator whose records were computed from the same inputs")
     p.add_argument("--finetune", metavar="PRESET",
                    help="all: also fine-tune the encoder with this preset, as `eval finetune --preset` (a sweep's "
                         "eval.finetune)")

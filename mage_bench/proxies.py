@@ -17,7 +17,9 @@ Every `train.proxy_every` steps and at the last step, rank 0 adds to that step's
   read for the ranking of runs, never as a score.
 
 Beside them the line names the sample sizes and the extractor (`proxy_knn_train`, `proxy_knn_test`,
-`proxy_fd_samples`, `proxy_fd_extractor`), so a report can say what the numbers are.
+`proxy_fd_samples`, `proxy_fd_extractor`, and `proxy_fd_weights`: the start of its weights' sha256), so a report
+can say what the numbers are. The weights are looked up where the run (re)starts (digits-cnn: models/digits-cnn
+under the working folder), so a run resumed elsewhere may gain, lose or change its FD proxy: the key shows it.
 
 Training is untouched: every draw comes from its own generator or the fixed noise, the global random state
 (the CPU's and the device's) is restored afterwards (`torch.random.fork_rng`, which also covers the
@@ -48,6 +50,9 @@ KNN_K, KNN_TEMPERATURE = 20, 0.07  # the evaluation's headline kNN (`knn` record
 KNN_KEY, FD_KEY = "proxy_knn_top1", "proxy_fd"
 KNN_TRAIN_KEY, KNN_TEST_KEY = "proxy_knn_train", "proxy_knn_test"
 FD_SAMPLES_KEY, FD_EXTRACTOR_KEY = "proxy_fd_samples", "proxy_fd_extractor"
+# The extractor weights' sha256 (first 16 hex digits): which weights are found is decided where the run (re)starts
+# (digits-cnn lies under the working folder's models/), so a resumed run says whether its FD proxy changed.
+FD_WEIGHTS_KEY = "proxy_fd_weights"
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,9 @@ class TrainingProxies:
         except UserError as exc:
             print(f"mage-bench: warning: the FD proxy is skipped ({self.extractor_name}): {exc}", file=sys.stderr)
             return
+        from mage_bench.io import sha256_file
+
+        self.weights_sha256 = sha256_file(weights)[:16]
         self.extract = _extractor(self.extractor_name, weights, self.device)
         self.real = self._features(real_images)
 
@@ -245,4 +253,5 @@ class TrainingProxies:
         except UserError as exc:
             print(f"mage-bench: warning: no FD proxy at this step: {exc}", file=sys.stderr)
             fd = None
-        return {FD_KEY: fd, FD_SAMPLES_KEY: self.fd_samples, FD_EXTRACTOR_KEY: self.extractor_name}
+        return {FD_KEY: fd, FD_SAMPLES_KEY: self.fd_samples, FD_EXTRACTOR_KEY: self.extractor_name,
+                FD_WEIGHTS_KEY: self.weights_sha256}

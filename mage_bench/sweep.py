@@ -323,6 +323,8 @@ def run_sweep(name_or_path: str, preset: str | None = None, executor: str | None
 
         for size in sorted({plan.config.data.image_size for plan in plans}):
             check_masks_fit(spec.eval.inpaint, size)
+    for depth in sorted({plan.config.model.depth for plan in plans}):  # nor a block beyond a point's encoder
+        spec.eval.feature_views(depth)
     if spec.eval.finetune is not None:  # an unknown preset must not surface after training
         from mage_bench.eval.finetune import FINETUNE_PRESETS
 

@@ -94,6 +94,11 @@ def test_schedule_warms_up_from_zero_then_follows_the_official_cosine():
         epoch = step % spe / spe + step // spe
         official = cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + np.cos(np.pi * (epoch - 2) / (10 - 2)))
         assert ft.lr_at(step, spe, total, cfg) == pytest.approx(official, rel=1e-12)
+    # --finetune-steps: the same schedule compressed, warmup keeping its share (2 of 10 epochs -> 5 of 25 steps)
+    short = ft.FinetuneConfig(epochs=10, batch_size=256, blr=1e-3, warmup_epochs=2, min_lr=1e-6, steps=25)
+    assert ft.schedule_epochs(short, spe, 25) == (5.0, 1.0)
+    assert ft.lr_at(5, spe, 25, short) == pytest.approx(cfg.lr)  # the peak, as at step 10 of 50
+    assert ft.lr_at(15, spe, 25, short) == pytest.approx(ft.lr_at(30, spe, total, cfg), rel=1e-12)
 
 
 def test_head_and_fc_norm_init_as_official_and_pooling_is_the_probe_feature(tiny_model_overrides):
@@ -320,7 +325,7 @@ def test_two_processes_match_one_with_the_same_effective_batch(run, tmp_path):
 
 
 
-def test_a_sweep_refuses_an_unknown_fine_tuning_preset_before_training(tmp_path, capsys, tiny_tokenizer_dir,
+def test_a_sweep_refuses_an_unknown_preset_or_block_before_training(tmp_path, capsys, tiny_tokenizer_dir,
                                                                         digits_cnn):
     from test_sweep import micro_spec  # noqa: I001
 
@@ -334,6 +339,9 @@ def test_a_sweep_refuses_an_unknown_fine_tuning_preset_before_training(tmp_path,
     path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, eval_extra={"finetune": "digits", "finetune_steps": 0})
     assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--dry-run"]) == 2
     assert "finetune_steps must be >= 1" in capsys.readouterr().err
+    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, eval_extra={"layers": "0,5"})  # the encoder: 2
+    assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--dry-run"]) == 2
+    assert "block 5 does not exist; the encoder has 2 blocks (0..1, last = 1)" in capsys.readouterr().err
 
 
 def test_the_cli_fine_tunes_and_refuses_flags_that_would_do_nothing(run, capsys):
@@ -348,10 +356,18 @@ def test_the_cli_fine_tunes_and_refuses_flags_that_would_do_nothing(run, capsys)
         (["eval", "knn", "--run", str(run), "--preset", "digits"], "--preset applies to `eval finetune` only"),
         (["eval", "all", "--run", str(run), "--finetune-steps", "2"], "--finetune-steps needs --finetune PRESET"),
         (["eval", "finetune", "--run", str(run), "--preset", "digits", "--finetune", "vit_base"], "disagree"),
+        (["eval", "finetune", "--run", str(run), "--batch-size", "64"], "--batch-size does not apply to `eval finet"),
+        (["eval", "finetune", "--run", str(run), "--data", "digits"], "--data does not apply to `eval finetune`"),
+        (["eval", "fid", "--run", str(run), "--layers", "all"], "--layers applies to `eval linear|fewshot|knn|all`"),
+        (["eval", "knn", "--run", str(run), "--resume"], "--resume applies to `eval finetune` and `eval all` only"),
+        (["eval", "all", "--run", str(run), "--finetune", "vit_hueg"], "unknown fine-tuning preset 'vit_hueg'"),
+        # the fine-tuning done above is there: without --resume `eval all` stops before any other evaluator
+        (["eval", "all", "--run", str(run), "--finetune", "digits"], "already holds a fine-tuning; pass --resume"),
     ]:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert sorted(p.name for p in (run / "eval").glob("*.json")) == ["finetune.json"]  # nothing else was evaluated
 
 
 def test_fine_tuning_beats_the_frozen_linear_probe(run):

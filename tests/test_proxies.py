@@ -21,7 +21,7 @@ import torch
 
 from mage_bench.config import RunConfig, resolve_config
 from mage_bench.errors import ConfigError
-from mage_bench.io import safe_torch_load
+from mage_bench.io import safe_torch_load, sha256_file
 from mage_bench.proxies import FD_EXTRACTOR_KEY, FD_KEY, KNN_KEY, KNN_TEST_KEY, KNN_TRAIN_KEY
 from mage_bench.train import train
 
@@ -52,7 +52,7 @@ def _without_proxies(record: dict) -> dict:
     return {k: v for k, v in _timeless(record).items() if not k.startswith("proxy_")}
 
 
-def test_proxies_leave_training_bitwise_unchanged(tmp_path, tiny_run_layer, local_digits_cnn):
+def test_proxies_leave_training_bitwise_unchanged(tmp_path, tiny_run_layer, local_digits_cnn, digits_cnn):
     layer = _layer(tiny_run_layer, steps=6, log_every=1, proxy_every=2)
     layer["model"] = {**layer["model"], "dropout": 0.1}  # the dropout stream must not move either
     train(resolve_config(RunConfig, layer), tmp_path / "on", progress=False)
@@ -74,6 +74,7 @@ def test_proxies_leave_training_bitwise_unchanged(tmp_path, tiny_run_layer, loca
         assert 0 <= r[KNN_KEY] <= 1 and np.isfinite(r[FD_KEY]) and r[FD_KEY] >= 0
         assert (r[KNN_TRAIN_KEY], r[KNN_TEST_KEY], r["proxy_fd_samples"], r[FD_EXTRACTOR_KEY]) == (64, 32, 16,
                                                                                                       "digits-cnn")
+        assert r["proxy_fd_weights"] == sha256_file(digits_cnn[0])[:16]  # which weights the FD proxy used
 
 
 def test_proxy_steps_are_log_steps_and_the_last_step_has_one(tmp_path, tiny_run_layer, local_digits_cnn):
@@ -280,3 +281,18 @@ def test_the_proxy_report_never_imports_torch(tmp_path):
             f"build_report([{str(root)!r}], {str(tmp_path / 'report')!r}); "
             "assert 'torch' not in sys.modules, 'report imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_steps_some_point_lacks_are_left_out_and_said(tmp_path):
+    """A sweep over the training length: point a stops at step 200, so step 300 ranks only three points and is
+    left out (a tau over other points than the rest's is no comparison); the note says so."""
+    from mage_bench.report.collate import collect
+    from mage_bench.report.proxies import proxy_rows, ranking
+
+    shorter = {**PROXY_LINES, "a": PROXY_LINES["a"][:2]}
+    root = _write_sweep(tmp_path / "runs", FINALS, shorter)
+    collected = collect([root])
+    runs = json.loads((root / "sweep.json").read_text())["runs"]
+    knn, _ = ranking(proxy_rows(runs, collected.folders), collected.results, list(FINALS))
+    assert knn["steps"] == [100, 200] and knn["taus"][1] == 1.0 and knn["final_step"] == 200
+    assert "1 proxy step(s) that some point lacks" in knn["note"]

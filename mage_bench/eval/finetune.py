@@ -107,7 +107,8 @@ class FinetuneConfig:
     embed_dropout: float = 0.1  # official BertEmbeddings dropout in fine-tuning
     dropout: float = 0.0  # block (attention, projection, MLP) dropout: timm ViT's 0
     seed: int | None = None  # None: the run's seed
-    steps: int | None = None  # None: epochs x iterations per epoch; else the schedule spans this many steps
+    steps: int | None = None  # None: epochs x iterations per epoch; else the preset's schedule (warmup share
+    # included) compressed into this many steps
     log_every: int = 10
     checkpoint_every: int = 200
 
@@ -262,14 +263,21 @@ def build_classifier(mage: Any, num_classes: int, cfg: FinetuneConfig, seed: int
     return _classifier_class()(mage, num_classes, torch.Generator().manual_seed(seed))
 
 
+def schedule_epochs(cfg: FinetuneConfig, steps_per_epoch: int, total_steps: int) -> tuple[float, float]:
+    """(epochs, warmup epochs) the schedule spans: the preset's, or with `steps` set, the preset's schedule
+    compressed into those steps (the warmup keeps its share of the whole, warmup_epochs / epochs)."""
+    epochs = total_steps / steps_per_epoch
+    return epochs, cfg.warmup_epochs * epochs / cfg.epochs if cfg.steps is not None else cfg.warmup_epochs
+
+
 def lr_at(step: int, steps_per_epoch: int, total_steps: int, cfg: FinetuneConfig) -> float:
     """util/lr_sched.py per iteration: warmup from 0 over warmup_epochs, half-cycle cosine down to min_lr."""
     from mage_bench.schedule import warmup_cosine
 
     peak = cfg.lr
     progress = step % steps_per_epoch / steps_per_epoch + step // steps_per_epoch  # official order of operations
-    return warmup_cosine(progress, total_steps / steps_per_epoch, cfg.warmup_epochs, peak,
-                         floor_ratio=min(cfg.min_lr / peak, 1.0), angle_first=True)
+    epochs, warmup = schedule_epochs(cfg, steps_per_epoch, total_steps)
+    return warmup_cosine(progress, epochs, warmup, peak, floor_ratio=min(cfg.min_lr / peak, 1.0), angle_first=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,8 +465,18 @@ class BatchSource:
         epoch, first = divmod(step, self.steps_per_epoch)
         indices = torch.cat([self.rows(epoch * self.steps_per_epoch + b) for b in range(first, self.steps_per_epoch)])
         loader = torch.utils.data.DataLoader(_FolderViews(self.dataset, self.views, epoch), batch_size=self.micro,
-                                             sampler=indices.tolist(), num_workers=self.num_workers)
+                                             sampler=indices.tolist(), num_workers=self.num_workers,
+                                             generator=_loader_generator())
         return iter(loader)
+
+
+def _loader_generator() -> Any:
+    """A DataLoader's own generator: creating its iterator draws the workers' base seed from the generator
+    it is given, else from the global one, which also feeds dropout and drop path on CPU; a loader made at
+    a resume step would then shift that stream. (The views are seeded by image, not by worker.)"""
+    import torch
+
+    return torch.Generator().manual_seed(0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -697,7 +715,8 @@ def evaluate(steps: FinetuneSteps, dataset: Any, in_memory: bool, views: Views, 
         batches = ((all_images[part], all_labels[part]) for part in rows.split(steps.token_batch))
     else:
         batches = torch.utils.data.DataLoader(_FolderViews(dataset, views, None), batch_size=steps.token_batch,
-                                              sampler=rows.tolist(), num_workers=num_workers)
+                                              sampler=rows.tolist(), num_workers=num_workers,
+                                              generator=_loader_generator())
     k = min(5, steps.num_classes)
     hits = torch.zeros(3, dtype=torch.int64, device=rt.device)  # top-1, top-k, images
     steps.model.eval()
@@ -721,6 +740,22 @@ def evaluate(steps: FinetuneSteps, dataset: Any, in_memory: bool, views: Views, 
 # The entry point
 
 
+def preflight(run_dir: str | Path, preset: str | None, resume: bool) -> None:
+    """What `finetune_run` would refuse at once, checked before other work (`eval all --finetune`): an
+    unknown preset, or an earlier fine-tuning in the run folder without `resume`."""
+    from mage_bench.runs import CHECKPOINT_FILE
+
+    if preset is not None:
+        FINETUNE_PRESETS.get(preset)
+    folder = Path(run_dir) / FINETUNE_DIR
+    if not resume and (folder / CHECKPOINT_FILE).exists():
+        raise UserError(_HELD_ALREADY.format(folder=folder))
+
+
+_HELD_ALREADY = ("{folder} already holds a fine-tuning; pass --resume to continue it (or to read back its results), "
+                 "or delete {folder} to start over")
+
+
 def _folder_state(folder: Path, identity: dict[str, Any], resume: bool) -> str:
     """'fresh', 'resume' or 'done' for RUN/finetune; another config or a missing --resume is a UserError."""
     import json
@@ -732,8 +767,7 @@ def _folder_state(folder: Path, identity: dict[str, Any], resume: bool) -> str:
     if not checkpoint.exists():
         return "fresh"
     if not resume:
-        raise UserError(f"{folder} already holds a fine-tuning; pass --resume to continue it (or to read back its "
-                        f"results), or delete {folder} to start over")
+        raise UserError(_HELD_ALREADY.format(folder=folder))
     stored = json.loads(done.read_text()) if done.exists() else safe_torch_load(checkpoint)["config"]
     if stored != identity:
         changed = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
@@ -826,9 +860,10 @@ def finetune_run(run_dir: str | Path, preset: str | None = None, resume: bool = 
     if step < total:
         return []
     top1, top5 = evaluate(steps, test_set, in_memory, views, data.num_workers, progress)
-    extra = {"preset": name, "epochs": cfg.epochs, "steps": total, "batch_size": cfg.batch_size,
+    epochs, warmup_epochs = schedule_epochs(cfg, source.steps_per_epoch, total)
+    extra = {"preset": name, "epochs": round(epochs, 4), "steps": total, "batch_size": cfg.batch_size,
              "accum_iter": cfg.accum_iter, "blr": cfg.blr, "lr": cfg.lr, "layer_decay": cfg.layer_decay,
-             "drop_path": cfg.drop_path, "weight_decay": cfg.weight_decay, "warmup_epochs": cfg.warmup_epochs,
+             "drop_path": cfg.drop_path, "weight_decay": cfg.weight_decay, "warmup_epochs": round(warmup_epochs, 4),
              "mixup": cfg.mixup, "cutmix": cfg.cutmix, "smoothing": cfg.smoothing, "augment": describe_augment(cfg),
              "test_view": "as-is" if in_memory else "resize(292/256,bicubic)+center-crop",
              "world_size": runtime.world}

@@ -242,6 +242,10 @@ def evaluate_all(run_dir: str | Path | Any, settings: EvalConfig = DEFAULT_EVAL,
     from mage_bench.results import config_hash, read_records
     from mage_bench.runs import LoadedRun, load_run, resolve_device
 
+    if settings.finetune:  # its refusals before the other evaluators' work, not after
+        from mage_bench.eval.finetune import preflight
+
+        preflight(run_dir.path if isinstance(run_dir, LoadedRun) else run_dir, settings.finetune, resume)
     run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, resolve_device(settings.device))
     data = run_data_config(run.config, data_name)
     settings = dataclasses.replace(settings, num_samples=num_samples_for(run, settings, data_name))

@@ -54,7 +54,9 @@ def best_blocks(stats: pd.DataFrame, higher: bool) -> dict[str, tuple[int, float
     """{point: (its best block, that block's mean)}; ties go to the shallower block."""
     out = {}
     for point, data in stats.groupby("point", sort=False):
-        data = data.sort_values("layer")
+        data = data.dropna(subset=["mean"]).sort_values("layer")  # a diverged run's NaN block is no best
+        if data.empty:
+            continue
         index = data["mean"].idxmax() if higher else data["mean"].idxmin()
         out[point] = (int(data.loc[index, "layer"]), float(data.loc[index, "mean"]))
     return out

@@ -138,11 +138,13 @@ def ranking(rows: pd.DataFrame, results: pd.DataFrame, points: list[str], thresh
         entry["points"] = len(usable)
         if len(usable) < MIN_POINTS:
             continue
+        skipped = 0
         for step, row in means.iterrows():
             have = [p for p in usable if p in row.index and math.isfinite(row[p])]
-            # A step some point lacks is left out: its tau would rank other points than the rest.
-            tau, p_value = (kendalltau([row[p] for p in have], [final[p] for p in have])
-                            if len(have) == len(usable) else (float("nan"), float("nan")))
+            if len(have) < len(usable):  # its tau would rank other points than the rest: left out, and said
+                skipped += 1
+                continue
+            tau, p_value = kendalltau([row[p] for p in have], [final[p] for p in have])
             entry["steps"].append(int(step))
             entry["taus"].append(float(tau))
             entry["p_values"].append(float(p_value))
@@ -150,6 +152,10 @@ def ranking(rows: pd.DataFrame, results: pd.DataFrame, points: list[str], thresh
                                                                                                     math.nan)
         entry["final_step"], entry["final_tau"], entry["p_value"] = last
         entry["settled_step"] = settled_step(entry["steps"], entry["taus"], threshold)
+        if skipped:
+            entry["note"] = "; ".join(filter(None, [note, f"{skipped} proxy step(s) that some point lacks (its runs "
+                                                          "stop earlier, diverged, or log proxies at other steps) are "
+                                                          "left out"]))
     return out
 
 
