@@ -280,6 +280,21 @@ class GenerateConfig:
         require(self.temperature >= 0, f"{path}.temperature must be >= 0")
 
 
+# Run-config keys that change what a run logs, never what it computes (the training-time proxies: bitwise the
+# same weights with or without them): left out of a run's identity, so its config hash, a resume's config check
+# and a sweep's reuse of finished runs ignore them (and runs made before they existed still match).
+OBSERVATION_KEYS = {"train": ("proxy_every", "proxy_samples", "proxy_knn_train", "proxy_knn_test")}
+
+
+def run_identity(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict without its OBSERVATION_KEYS (other dicts pass through unchanged)."""
+    out = dict(data)
+    for section, keys in OBSERVATION_KEYS.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k not in keys}
+    return out
+
+
 EVAL_DEVICES = ("auto", "cpu", "cuda")
 POOLING_NAMES = ("mean", "cls", "mean+cls")  # mage_bench.mage.model.POOLINGS
 REAL_SPLITS = ("train", "test")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mage_bench.config import to_dict
+from mage_bench.config import run_identity, to_dict
 from mage_bench.errors import UserError
 from mage_bench.io import atomic_write_json, git_commit, package_versions, utc_now
 from mage_bench.metrics import Metric, declared
@@ -26,14 +26,15 @@ def config_hash(config: Any) -> str:
     """sha256 of the resolved config as canonical JSON (what makes two runs the same run).
 
     The tokenizer is named by its content (the sha256 of its weights), not by where it lies, so the same
-    sweep run in two folders gives its records the same hashes."""
-    return _hash(_with_tokenizer_identity(to_dict(config)))
+    sweep run in two folders gives its records the same hashes. Settings that change only what a run logs
+    (`config.OBSERVATION_KEYS`) are left out."""
+    return _hash(_with_tokenizer_identity(run_identity(to_dict(config))))
 
 
 def path_config_hash(config: Any) -> str:
     """The hash as written before the tokenizer was named by content (with its path): only to
     recognise run folders made then."""
-    return _hash(to_dict(config))
+    return _hash(run_identity(to_dict(config)))
 
 
 def _with_tokenizer_identity(data: Any) -> Any:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -135,10 +135,13 @@ def resolve_config(cls: type[C], file_layer: Mapping[str, Any] | None = None,
     return from_dict(cls, deep_merge(dict(file_layer or {}), dict(cli_layer or {})))
 
 
-def require_same_config(stored: Mapping[str, Any], current: Any, where: str) -> None:
-    """Resuming needs the config the run started with; name the sections that changed."""
-    now = to_dict(current)
-    if dict(stored) != now:
+def require_same_config(stored: Mapping[str, Any], current: Any, where: str,
+                        identity: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+    """Resuming needs the config the run started with; name the sections that changed. `identity` maps a
+    config dict to what must match (e.g. without settings that change only what is logged)."""
+    keep = identity or (lambda data: data)
+    stored, now = keep(dict(stored)), keep(to_dict(current))
+    if stored != now:
         changed = [k for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)]
         raise UserError(f"the config differs from the one {where} was trained with (sections: "
                         f"{', '.join(changed)}); resume with the same config or choose another --out")

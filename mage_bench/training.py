@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from mage_bench.config import dump_yaml, require_same_config
+from mage_bench.config import dump_yaml, require_same_config, run_identity
 from mage_bench.io import atomic_torch_save, atomic_write_text, rewind_jsonl, safe_torch_load
 from mage_bench.runs import CONFIG_FILE, METRICS_FILE
 
@@ -114,7 +114,7 @@ class TrainingFolder:
         (step, elapsed seconds)) or start the folder afresh at (0, 0.0)."""
         if resume and self.state_path.exists():
             state = safe_torch_load(self.state_path)
-            require_same_config(state["config"], config, str(self.path))
+            require_same_config(state["config"], config, str(self.path), identity=run_identity)
             step, elapsed = load(state)
             if self.is_main:  # lines logged after the state was saved are logged again from it
                 rewind_jsonl(self.log_path, step)

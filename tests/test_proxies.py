@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from mage_bench.config import RunConfig, resolve_config
-from mage_bench.errors import ConfigError
+from mage_bench.errors import ConfigError, UserError
 from mage_bench.io import safe_torch_load, sha256_file
 from mage_bench.proxies import FD_EXTRACTOR_KEY, FD_KEY, KNN_KEY, KNN_TEST_KEY, KNN_TRAIN_KEY
 from mage_bench.train import train
@@ -296,3 +296,25 @@ def test_steps_some_point_lacks_are_left_out_and_said(tmp_path):
     knn, _ = ranking(proxy_rows(runs, collected.folders), collected.results, list(FINALS))
     assert knn["steps"] == [100, 200] and knn["taus"][1] == 1.0 and knn["final_step"] == 200
     assert "1 proxy step(s) that some point lacks" in knn["note"]
+
+
+def test_proxy_settings_are_not_part_of_a_runs_identity(tmp_path, tiny_run_layer):
+    """They change what is logged, never the weights: another proxy interval resumes the run, a checkpoint made
+    before the proxies existed (no proxy keys) still resumes, and the config hash ignores them."""
+    from mage_bench.results import config_hash
+
+    layer = _layer(tiny_run_layer, steps=4, checkpoint_every=2, proxy_every=0)
+    config = resolve_config(RunConfig, layer)
+    train(config, tmp_path / "run", progress=False)
+    other = resolve_config(RunConfig, _layer(tiny_run_layer, steps=4, checkpoint_every=2, proxy_every=3))
+    assert config_hash(other) == config_hash(config)
+    train(other, tmp_path / "run", resume=True, progress=False)  # no "config differs"
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    state = safe_torch_load(checkpoint)
+    for key in ("proxy_every", "proxy_samples", "proxy_knn_train", "proxy_knn_test"):
+        del state["config"]["train"][key]  # as written before the proxies existed
+    torch.save(state, checkpoint)
+    train(config, tmp_path / "run", resume=True, progress=False)
+    changed = resolve_config(RunConfig, _layer(tiny_run_layer, steps=4, checkpoint_every=2, proxy_every=0, blr=0.5))
+    with pytest.raises(UserError, match="config differs"):  # a setting that changes the weights still counts
+        train(changed, tmp_path / "run", resume=True, progress=False)
