@@ -68,6 +68,20 @@ def digits_cnn(tmp_path_factory):
     return out / DIGITS_CNN_FILE, card
 
 
+def write_image_folder(root, counts: dict[str, int], shape=(16, 16, 3), classes=("a", "b"), seed: int = 0):
+    """An imagefolder data set of random RGB PNGs: root/<split>/<class>/<i>.png, counts[split] per class."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in counts.items():
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(root / split / cls / f"{i}.png")
+    return root
+
+
 def chromium_figures(index, profile) -> tuple[int, int, list[str]] | None:
     """Open a report's index.html in headless Chromium: (figures decoded, figures on the page, console
     errors), read from the `data-figures` mark the page sets on body once loaded. None without Chromium

@@ -121,17 +121,11 @@ def test_the_fd_proxy_is_skipped_with_one_warning_without_local_weights(tmp_path
 
 
 def test_image_folder_data_uses_inception_only_when_local(tmp_path, tiny_run_layer, monkeypatch, capfd):
-    from PIL import Image
+    from conftest import write_image_folder
 
     monkeypatch.delenv("MAGE_BENCH_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # nothing cached, nothing fetched
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("val", 3)):
-        for cls in ("a", "b"):
-            (tmp_path / "data" / split / cls).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
-                    tmp_path / "data" / split / cls / f"{i}.png")
+    write_image_folder(tmp_path / "data", {"train": 6, "val": 3})
     layer = _layer(tiny_run_layer, steps=2, batch_size=4, log_every=1, proxy_every=2)
     layer["data"] = {"name": f"imagefolder:{tmp_path / 'data'}", "image_size": 16}
     train(resolve_config(RunConfig, layer), tmp_path / "run", progress=False)

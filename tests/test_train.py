@@ -164,16 +164,9 @@ def test_missing_tokenizer_says_how_to_make_one(tmp_path, tiny_run_layer):
 
 
 def test_training_on_an_image_folder(tmp_path, tiny_run_layer):
-    import numpy as np
-    from PIL import Image
+    from conftest import write_image_folder
 
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("val", 2)):
-        for cls in ("a", "b"):
-            (tmp_path / "data" / split / cls).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
-                    tmp_path / "data" / split / cls / f"{i}.png")
+    write_image_folder(tmp_path / "data", {"train": 6, "val": 2}, shape=(20, 24, 3))
     layer = {**tiny_run_layer, "data": {"name": f"imagefolder:{tmp_path / 'data'}", "image_size": 16},
              "train": {**tiny_run_layer["train"], "batch_size": 4, "steps": 5}}
     summary = train(_config(layer, contrastive={"weight": 0.2}), tmp_path / "run", progress=False)
