@@ -138,7 +138,7 @@ def trained_run(tmp_path_factory, tiny_tokenizer_dir):
     from mage_bench.train import train
 
     layer = {"tokenizer": str(tiny_tokenizer_dir), "model": dict(TINY_MODEL),
-             "train": {"steps": 4, "batch_size": 16, "blr": 0.01, "warmup_steps": 2, "checkpoint_every": 4,
+             "train": {"steps": 4, "batch_size": 16, "blr": 0.01, "proxy_every": 0, "warmup_steps": 2, "checkpoint_every": 4,
                        "log_every": 1}}
     out = tmp_path_factory.mktemp("scale") / "run"
     train(resolve_config(RunConfig, layer), out, progress=False)

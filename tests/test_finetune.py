@@ -30,7 +30,7 @@ def trained(tmp_path_factory, tiny_tokenizer_dir):
     from conftest import TINY_MODEL
 
     layer = {"tokenizer": str(tiny_tokenizer_dir), "model": dict(TINY_MODEL),
-             "train": {"steps": 6, "batch_size": 16, "blr": 0.01, "warmup_steps": 2, "checkpoint_every": 6}}
+             "train": {"steps": 6, "batch_size": 16, "blr": 0.01, "proxy_every": 0, "warmup_steps": 2, "checkpoint_every": 6}}
     out = tmp_path_factory.mktemp("finetune") / "run"
     train(resolve_config(RunConfig, layer), out, progress=False)
     return out

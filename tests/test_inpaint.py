@@ -173,7 +173,7 @@ def tiny_run(tmp_path_factory, tiny_tokenizer_dir):
     from mage_bench.train import train
 
     layer = {"tokenizer": str(tiny_tokenizer_dir), "model": dict(TINY_MODEL),
-             "train": {"steps": 6, "batch_size": 16, "blr": 0.01, "warmup_steps": 2, "checkpoint_every": 6,
+             "train": {"steps": 6, "batch_size": 16, "blr": 0.01, "proxy_every": 0, "warmup_steps": 2, "checkpoint_every": 6,
                        "log_every": 3}}
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     train(resolve_config(RunConfig, layer), run_dir, progress=False)

@@ -21,7 +21,7 @@ def run(tmp_path_factory, tiny_tokenizer_dir):
     from mage_bench.train import train
 
     layer = {"tokenizer": str(tiny_tokenizer_dir), "model": {**TINY_MODEL, "depth": 3},
-             "train": {"steps": 4, "batch_size": 16, "blr": 0.01, "warmup_steps": 2, "checkpoint_every": 4,
+             "train": {"steps": 4, "batch_size": 16, "blr": 0.01, "proxy_every": 0, "warmup_steps": 2, "checkpoint_every": 4,
                        "log_every": 2}}
     run_dir = tmp_path_factory.mktemp("runs") / "layers"
     train(resolve_config(RunConfig, layer), run_dir, progress=False)
