@@ -23,8 +23,9 @@ from mage_bench.sweep_spec import check_parameter, expand, load_spec, slug
 
 
 def micro_spec(tmp_path: Path, tokenizer: Path, digits_cnn, points=None, seeds=(0,), executor=None,
-               name: str = "micro", eval_extra: dict | None = None) -> Path:
-    """A sweep that runs in seconds: the tests' tiny tokenizer and model, a few steps, 16 samples."""
+               name: str = "micro", eval_extra: dict | None = None, proxy_every: int = 0) -> Path:
+    """A sweep that runs in seconds: the tests' tiny tokenizer and model, a few steps, 16 samples; no
+    training-time proxies unless `proxy_every` asks for them."""
     weights, _ = digits_cnn
     spec = {
         "name": name, "description": "test sweep", "parameter": "masking.spec",
@@ -33,7 +34,7 @@ def micro_spec(tmp_path: Path, tokenizer: Path, digits_cnn, points=None, seeds=(
         "seeds": list(seeds),
         "run": {"model": dict(TINY_MODEL), "masking": {"mask_ratio_min": 0.5},
                 "train": {"steps": 6, "batch_size": 16, "blr": 0.01, "warmup_steps": 2, "checkpoint_every": 2,
-                          "log_every": 1}},
+                          "log_every": 1, "proxy_every": proxy_every}},
         "tokenizer": {"path": str(tokenizer)},
         "eval": {"num_samples": 16, "weights": str(weights), "device": "cpu", **(eval_extra or {})},
         "executor": executor or {"name": "local"},
@@ -267,7 +268,7 @@ def test_local_sweep_end_to_end_then_skips_done_runs(tmp_path, tiny_tokenizer_di
     path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn,
                       eval_extra={"inpaint": ["random:0.5", "box:center"], "inpaint_images": 12,
                                   "layers": "0,last", "pooling": "mean,cls", "finetune": "digits",
-                                  "finetune_steps": 2})
+                                  "finetune_steps": 2}, proxy_every=3)
     runs, report = tmp_path / "runs", tmp_path / "report"
     assert main(["sweep", str(path), "--runs", str(runs), "--out", str(report)]) == 0
     out = capsys.readouterr().out
@@ -281,6 +282,9 @@ def test_local_sweep_end_to_end_then_skips_done_runs(tmp_path, tiny_tokenizer_di
     knn = results[(results["evaluator"] == "knn") & (results["role"] == "run") & (results["metric"] == "top1")]
     assert set(zip(knn["layer"], knn["pooling"], strict=True)) == {(0, "mean"), (0, "cls"), (1, "mean"), (1, "cls")}
     assert "Representation against depth" in (report / "index.html").read_text()  # eval.layers: the profile
+    proxy_steps = [json.loads(line)["step"] for line in next(runs.glob("fixed-*/metrics.jsonl")).read_text().splitlines()
+                   if "proxy_knn_top1" in line]
+    assert proxy_steps == [3, 6] and "<h2>Training-time proxies</h2>" in (report / "index.html").read_text()
     finetune = results[results["evaluator"] == "finetune"]  # eval.finetune: every run and the untrained model
     assert len(finetune[finetune["role"] == "run"]) == 2 * 2 and set(finetune["metric"]) == {"top1", "top5"}
     assert set(finetune[finetune["role"] == "reference"]["point"]) == {"reference: untrained model"}
