@@ -29,6 +29,7 @@ class BenchResult:
     flops_per_step: float  # by hand, complete
     counted_flops: float  # FlopCounterMode (attention may be missing on CPU)
     peak_flops: float
+    peak_memory_gb: float | None = None  # the allocator's high-water mark over the timed steps (GPU only)
 
     @property
     def images_per_s(self) -> float:
@@ -46,7 +47,7 @@ class BenchResult:
         return {"model": self.model, "device": self.device, "dtype": self.dtype, "batch_size": self.batch_size,
                 "step_s": self.step_s, "images_per_s": self.images_per_s, "tokens_per_s": self.tokens_per_s,
                 "gflops_per_step": self.flops_per_step / 1e9, "peak_gflops": self.peak_flops / 1e9,
-                "mfu": self.mfu}
+                "mfu": self.mfu, "peak_memory_gb": self.peak_memory_gb}
 
 
 def analytic_train_flops(cfg, batch_size: int, n_drop: int, attention: bool = True) -> float:
@@ -130,6 +131,8 @@ def bench_model(name: str, batch_size: int, steps: int, device: torch.device, pe
     for b in batches[1:3]:  # warm-up
         step(*b)
     _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     tic = time.perf_counter()
     for b in batches[3:]:
         step(*b)
@@ -137,7 +140,8 @@ def bench_model(name: str, batch_size: int, steps: int, device: torch.device, pe
     step_s = (time.perf_counter() - tic) / steps
     n_drop = int(drop_count)
     return BenchResult(name, device.type, "bf16-autocast" if amp else "fp32", batch_size, L, step_s,
-                       analytic_train_flops(config.model, batch_size, n_drop), float(counter.get_total_flops()), peak)
+                       analytic_train_flops(config.model, batch_size, n_drop), float(counter.get_total_flops()), peak,
+                       peak_memory_gb(device))
 
 
 def bench_train(models: list[str], batch_size: int, steps: int, device: str = "cpu") -> list[BenchResult]:
@@ -154,3 +158,83 @@ def format_table(results: list[BenchResult]) -> str:
                      f"{r.tokens_per_s:>10.0f} {r.flops_per_step / 1e9:>11.1f} {r.peak_flops / 1e9:>13.1f} "
                      f"{100 * r.mfu:>5.1f}%")
     return "\n".join(lines)
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    """The most memory the device's allocator held since the last reset (GPU only; None on CPU)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def _best_rate(run_batch, batches: tuple[int, ...], device: torch.device, repeats: int) -> dict[str, Any]:
+    """images/s of `run_batch(b)` at each batch size (one warm-up call, then `repeats` timed), and the best."""
+    rates = {}
+    for b in batches:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        run_batch(b)  # warm-up (kernels chosen, memory allocated)
+        _sync(device)
+        tic = time.perf_counter()
+        for _ in range(repeats):
+            run_batch(b)
+        _sync(device)
+        rates[b] = b * repeats / (time.perf_counter() - tic)
+    best = max(rates, key=rates.get)
+    return {"images_per_s": rates[best], "best_batch": best, "by_batch": {str(b): r for b, r in rates.items()},
+            "peak_memory_gb": peak_memory_gb(device)}
+
+
+def bench_generate(model: str = "mage_vit_base_patch16", tokenizer: str = "vqgan_mage", steps: int = 20,
+                   temperature: float = 6.0, batches: tuple[int, ...] = (64, 128, 256), device: str = "cuda",
+                   repeats: int = 2, overrides: dict[str, Any] | None = None, bf16: bool = False) -> dict[str, Any]:
+    """Generation throughput: iterative decoding from all-[MASK] (`steps`, `temperature`) plus the VQGAN
+    decode to pixels, random weights (the work does not depend on them); fp32 as `generate` runs today, or
+    under bf16 autocast (`bf16`, GPU only) to see what it would gain; images/s at each batch size and the best."""
+    from mage_bench.config import RunConfig, from_dict
+    from mage_bench.mage.generate import decoding_noise, iterative_decode
+    from mage_bench.mage.model import MAGE
+    from mage_bench.tokenizer import create_tokenizer
+
+    dev = torch.device(device)
+    config = from_dict(RunConfig, {"model": {"name": model, **(overrides or {})}})
+    torch.manual_seed(0)
+    net = MAGE(config.model).to(dev).eval()
+    vq = create_tokenizer(tokenizer).to(dev).eval()
+    side = int(round(config.model.num_tokens ** 0.5))
+    amp = bf16 and dev.type == "cuda"
+
+    def run_batch(b: int) -> None:
+        noise = decoding_noise(0, range(b), steps, config.model.num_tokens).to(dev)
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            tokens = iterative_decode(net, noise, steps, temperature)
+            vq.decode(tokens.view(-1, side, side))
+
+    out = _best_rate(run_batch, batches, dev, repeats)
+    return {"model": model, "tokenizer": tokenizer, "steps": steps, "temperature": temperature,
+            "device": dev.type, "dtype": "bf16-autocast" if amp else "fp32", **out}
+
+
+def bench_inception(weights: str | Any, batches: tuple[int, ...] = (128, 256, 512), size: int = 256,
+                    device: str = "cuda", repeats: int = 2) -> dict[str, Any]:
+    """Feature-extraction throughput of torch-fidelity's Inception-v3 (its own resize to 299) on uint8
+    images of `size` px; `weights` any file in its format (a random one gives the same speed)."""
+    from mage_bench.eval.extractors import _inception_network
+
+    dev = torch.device(device)
+    net = _inception_network(weights, str(dev))
+    generator = torch.Generator().manual_seed(0)
+
+    def run_batch(b: int) -> None:
+        images = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, generator=generator).to(dev)
+        with torch.no_grad():
+            net(images)
+
+    return {"size": size, "device": dev.type, **_best_rate(run_batch, batches, dev, repeats)}
+
+
+def projected_fid_seconds(generate_ips: float, extract_ips: float, num_generated: int = 50_000,
+                          num_real: int = 0) -> float:
+    """Wall time of generating `num_generated` images and extracting their features (plus `num_real`
+    reference images not yet cached), each stage at its measured rate, run one after the other."""
+    return num_generated / generate_ips + (num_generated + num_real) / extract_ips

@@ -4,6 +4,19 @@ from __future__ import annotations
 
 import pytest
 
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA device: skipped (and so counted) where torch sees none."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device (scripts/device-check runs these on a GPU)")
+        for item in gpu:
+            item.add_marker(skip)
+
 # A tokenizer small enough to train a few steps in well under a second per step.
 # The tests keep the 8x8 grid: 64 tokens exercise masking and decoding with more room.
 TINY_TOKENIZER = {"ch": 8, "ch_mult": [1, 2], "norm_groups": 4, "z_channels": 16, "embed_dim": 8, "n_embed": 32}

@@ -30,24 +30,10 @@ def evaluate_generation(fake, real, metrics=("fid",), cache_dir=None, **settings
 
 @pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory):
-    """torch-fidelity's Inception-v3 with random weights the test makes (meaningless values, real code path).
+    """torch-fidelity's Inception-v3 with random weights the test makes (meaningless values, real code path)."""
+    from mage_bench.eval.extractors import write_random_inception_weights
 
-    The constructor would download the official weights; loading is skipped while it is built, then
-    every convolution gets Kaiming init (PyTorch's default init makes the 2048-d features vanish).
-    """
-    import torch_fidelity.feature_extractor_inceptionv3 as module
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module, "load_state_dict_from_url", lambda *a, **k: {})
-        patch.setattr(module.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
-        net = module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    torch.manual_seed(0)
-    for layer in net.modules():
-        if isinstance(layer, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
-    torch.save(net.state_dict(), path)
-    return path
+    return write_random_inception_weights(tmp_path_factory.mktemp("inception") / "inception-random.pth")
 
 
 def _folder(path, images, mode="RGB"):

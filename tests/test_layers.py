@@ -24,6 +24,7 @@ LAYERS = {
     "mage_bench.import_mage": 3, "mage_bench.bench": 3,
     "mage_bench.eval": 3, "mage_bench.proxies": 3,  # eval: a peer of train (ARCHITECTURE.md)
     "mage_bench.confounds": 5, "mage_bench.sweep_spec": 5, "mage_bench.run_job": 5, "mage_bench.bench_eval": 5,
+    "mage_bench.device_check": 5,
     "mage_bench.executors": 6, "mage_bench.report": 6,
     "mage_bench.sweep": 7,
     "mage_bench.cli": 8,

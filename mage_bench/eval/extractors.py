@@ -335,3 +335,32 @@ def register_with_torch_fidelity() -> None:
             return tuple(named[name].float() for name in self.features_list)
 
     torch_fidelity.register_feature_extractor("digits-cnn", DigitsCNNExtractor)
+
+
+def write_random_inception_weights(path: str | os.PathLike, seed: int = 0) -> Path:
+    """torch-fidelity's Inception-v3 (`inception-v3-compat`) with random weights, saved where `--weights`
+    can read them: the real network and loading path with meaningless values, for tests and throughput
+    benchmarks on machines that cannot fetch the real file. Never for a reported FID.
+
+    Building the extractor would download the official weights: that is bypassed while it is built, then
+    every convolution gets Kaiming init (PyTorch's default init makes the 2048-d features vanish)."""
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as module
+
+    fetch, load = module.load_state_dict_from_url, module.FeatureExtractorInceptionV3.load_state_dict
+    module.load_state_dict_from_url = lambda *a, **k: {}
+    module.FeatureExtractorInceptionV3.load_state_dict = lambda self, *a, **k: None
+    try:
+        net = module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    finally:
+        module.load_state_dict_from_url, module.FeatureExtractorInceptionV3.load_state_dict = fetch, load
+    generator = torch.Generator().manual_seed(seed)
+    for layer in net.modules():
+        if isinstance(layer, torch.nn.Conv2d):
+            fan_in = layer.weight[0].numel()
+            with torch.no_grad():  # Kaiming normal (ReLU gain), from our own generator
+                layer.weight.normal_(0.0, (2.0 / fan_in) ** 0.5, generator=generator)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), out)
+    return out
