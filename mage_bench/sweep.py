@@ -323,6 +323,11 @@ def run_sweep(name_or_path: str, preset: str | None = None, executor: str | None
 
         for size in sorted({plan.config.data.image_size for plan in plans}):
             check_masks_fit(spec.eval.inpaint, size)
+    from mage_bench.eval.fid_backends import ISC_SPLITS
+
+    if spec.eval.num_samples is not None and spec.eval.num_samples < ISC_SPLITS:  # sweeps always compute IS
+        raise UserError(f"eval.num_samples {spec.eval.num_samples}: IS needs at least {ISC_SPLITS} generated "
+                        f"images (it averages over {ISC_SPLITS} splits); raise it")
     for depth in sorted({plan.config.model.depth for plan in plans}):  # nor a block beyond a point's encoder
         spec.eval.feature_views(depth)
     if spec.eval.finetune is not None:  # an unknown preset must not surface after training

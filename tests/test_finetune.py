@@ -325,7 +325,7 @@ def test_two_processes_match_one_with_the_same_effective_batch(run, tmp_path):
 
 
 
-def test_a_sweep_refuses_an_unknown_preset_or_block_before_training(tmp_path, capsys, tiny_tokenizer_dir,
+def test_a_sweep_refuses_bad_evaluation_settings_before_training(tmp_path, capsys, tiny_tokenizer_dir,
                                                                         digits_cnn):
     from test_sweep import micro_spec  # noqa: I001
 
@@ -339,6 +339,9 @@ def test_a_sweep_refuses_an_unknown_preset_or_block_before_training(tmp_path, ca
     path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, eval_extra={"finetune": "digits", "finetune_steps": 0})
     assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--dry-run"]) == 2
     assert "finetune_steps must be >= 1" in capsys.readouterr().err
+    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, eval_extra={"num_samples": 4})
+    assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--dry-run"]) == 2
+    assert "IS needs at least 10 generated images" in capsys.readouterr().err
     path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, eval_extra={"layers": "0,5"})  # the encoder: 2
     assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--dry-run"]) == 2
     assert "block 5 does not exist; the encoder has 2 blocks (0..1, last = 1)" in capsys.readouterr().err

@@ -102,6 +102,17 @@ def test_missing_inception_weights_is_one_line(image_folders, tmp_path, capsys):
     assert code == 2 and "--weights" in err and err.count("\n") == 1
 
 
+def test_is_on_fewer_images_than_its_splits_is_a_one_line_error(image_folders, inception_weights, tmp_path, capsys):
+    """Found by running the paper preset at toy scale: 4 samples made IS's 10 splits empty, which came out
+    as NaN blamed on the features."""
+    a, b = image_folders
+    few = _folder(tmp_path / "few", _smooth_images(4, 32, seed=3))
+    code = main(["eval", "fid", "--real", str(b), "--fake", str(few), "--extractor", "inception-v3", "--weights",
+                 str(inception_weights), "--isc", "--cache", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "IS needs at least 10 generated images" in err and err.count("\n") == 1
+
+
 def test_unsafe_inception_weights_are_refused(image_folders, tmp_path, capsys):
     a, _ = image_folders
     bad = tmp_path / "pickled.pth"

@@ -39,6 +39,7 @@ from mage_bench.registry import Registry
 KID_SUBSET_SIZE, KID_SUBSETS = 1000, 100
 # The metric flags (`--isc`, `--kid`, `--prc`; FID always) -> the records each one produces.
 FLAGS = {"fid": ("fid",), "isc": ("is",), "kid": ("kid",), "prc": ("precision", "recall")}
+ISC_SPLITS = 10  # torch-fidelity's default, pinned: IS is the mean (and std) over this many splits of the images
 # Records of the `fid` evaluator. FID/IS/KID keep their names only with the standard Inception weights.
 METRICS = (Metric("fid", False, "FID", nonstandard_label="FD"), Metric("is", True, "IS", nonstandard_label="IS"),
            Metric("kid", False, "KID", nonstandard_label="KD"),
@@ -102,7 +103,8 @@ def _torch_fidelity(request: Request) -> dict[str, float]:
         prc="prc" in request.metrics,
         feature_extractor=request.extractor.torch_fidelity_name,
         feature_extractor_weights_path=str(request.weights),
-        kid_subset_size=request.kid_subset_size, kid_subsets=KID_SUBSETS, rng_seed=request.seed,
+        kid_subset_size=request.kid_subset_size, kid_subsets=KID_SUBSETS, isc_splits=ISC_SPLITS,
+        rng_seed=request.seed,
         cache_root=str(request.cache_dir / "torch-fidelity"), cache=True,
         save_cpu_ram=not request.device.startswith("cuda"),  # no DataLoader worker processes on CPU
         verbose=request.progress)
@@ -174,6 +176,9 @@ def compute_metrics(request: Request, backend: str) -> dict[str, float]:
     if "fid" in request.metrics and min(request.real.count, request.fake.count) < 2:
         raise UserError(f"FID needs at least 2 images on each side (real {request.real.count}, "
                         f"fake {request.fake.count})")
+    if "isc" in request.metrics and request.fake.count < ISC_SPLITS:  # else empty splits give NaN, not an error
+        raise UserError(f"IS needs at least {ISC_SPLITS} generated images (it averages over {ISC_SPLITS} splits); "
+                        f"got {request.fake.count}: raise num_samples")
     hint = "the features contain NaN or inf (check the images and the extractor weights)"
     try:
         with contextlib.redirect_stdout(sys.stderr):  # both libraries print progress on stdout
