@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mage_bench.errors import UserError
-from mage_bench.runs import DONE_FILE, FAILED_FILE, RUN_META, SHARED_DIR, TIMING_FILE
+from mage_bench.runs import DONE_FILE, FAILED_FILE, METRICS_FILE, RUN_META, SHARED_DIR, TIMING_FILE
 
 # The generation metrics a sweep computes for every run and for its real held-out reference; their
 # extractor weights and backend are checked against these before the first run starts.
@@ -146,7 +146,8 @@ def train_stage(plan: Any, spec: Any, run_dir: Path, train_command: list[str] | 
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(run_dir / RUN_META, plan.meta(spec))
-            atomic_write_json(run_dir / TIMING_FILE, {"train_s": train_s})  # last: training is finished
+            timing = {"train_s": train_s, **_peak_memory(run_dir)}
+            atomic_write_json(run_dir / TIMING_FILE, timing)  # last: training is finished
     except Exception as exc:  # recorded and reported; the sweep goes on and its exit code says so
         error = _error_line(exc)
         if rank == 0:
@@ -166,6 +167,19 @@ def _leave_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _peak_memory(run_dir: Path) -> dict[str, float]:
+    """{"peak_memory_gb": the largest GPU allocator high-water mark rank 0 logged}, from metrics.jsonl (it is
+    logged by the training process, which may be a torchrun or Slurm child of this one); {} on CPU."""
+    peaks = []
+    path = run_dir / METRICS_FILE
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            value = json.loads(line).get("peak_memory_gb") if line.strip() else None
+            if value is not None:
+                peaks.append(value)
+    return {"peak_memory_gb": max(peaks)} if peaks else {}
 
 
 def _train_subprocess(plan: Any, run_dir: Path, command: list[str]) -> None:

@@ -470,6 +470,9 @@ class WindowedSteps:
         means = self._window_means() if self.window_steps else {}
         record = {"step": step, "epoch": self.trainer.stream.epoch, "lr": self.lr, **means,
                   "mask_ratio": float(self.mask_ratio) / max(self.window_steps, 1), "time_s": round(time_s, 3)}
+        device = self.trainer.runtime.device
+        if device.type == "cuda":  # this process's allocator high-water mark so far (GPU runs only)
+            record["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         self.sums, self.mask_ratio, self.window_steps = None, 0.0, 0
         if self.proxies is not None and self.proxies.due(step):  # rank 0 only; the others go on to the
             record.update(self.proxies(step))  # next step and wait for it in its first collective

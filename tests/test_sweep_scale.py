@@ -96,3 +96,18 @@ def test_the_evaluation_entry_point(tmp_path, capsys):
     assert run_job_main(["evaluate", *job.argv()]) == 1
     assert "not a trained run" in json.loads((tmp_path / "run" / "FAILED").read_text())["error"]
     assert not (tmp_path / "run" / "DONE").exists()
+
+
+def test_timing_takes_the_gpu_peak_memory_that_training_logged(tmp_path):
+    """Training logs `peak_memory_gb` on GPU runs only (the process may be a torchrun or Slurm child): the
+    run's timing.json takes the largest; a CPU run's log has none, and timing.json no key."""
+    import json
+
+    from mage_bench.run_job import _peak_memory
+
+    lines = [{"step": 1, "loss": 3.0, "peak_memory_gb": 10.5}, {"step": 2, "loss": 2.9, "peak_memory_gb": 12.25},
+             {"step": 3, "loss": 2.8}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert _peak_memory(tmp_path) == {"peak_memory_gb": 12.25}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
+    assert _peak_memory(tmp_path) == {} and _peak_memory(tmp_path / "absent") == {}
