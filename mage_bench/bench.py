@@ -104,7 +104,7 @@ def bench_model(name: str, batch_size: int, steps: int, device: torch.device, pe
     config = from_dict(RunConfig, {"model": {"name": name, **(overrides or {})}, "masking": {"mask_ratio_min": 0.5}})
     torch.manual_seed(0)
     objective = MageObjective(MAGE(config.model), config).to(device).train()
-    optimizer = torch.optim.AdamW(param_groups(objective, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(param_groups(objective, 0.05), lr=1e-4, betas=(0.9, 0.95), foreach=True)  # as train
     L = config.model.num_tokens
     g = torch.Generator().manual_seed(0)
     masking = config.masking.distribution

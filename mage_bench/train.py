@@ -336,8 +336,11 @@ class Trainer:
         self.model = MAGE(config.model)
         self.objective = MageObjective(self.model, config).to(runtime.device)
         self.base_lr = t.blr * t.batch_size * runtime.world / 256
+        # foreach: one multi-tensor update instead of a Python loop over the parameters (torch's default on
+        # GPUs, not on CPU): bitwise the same weights; on 2 CPU cores the update of mage_tiny at batch 128
+        # takes 4.4 ms instead of 5.0 (medians of 120 interleaved steps; the whole step ~55 ms).
         self.optimizer = torch.optim.AdamW(param_groups(self.objective, t.weight_decay), lr=self.base_lr,
-                                           betas=t.betas)
+                                           betas=t.betas, foreach=True)
         self.scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp_dtype == torch.float16)
         tokenizer = load_tokenizer(config.tokenizer).to(runtime.device)
         self.stream = TokenStream(config, runtime, tokenizer, 2 if config.contrastive.weight > 0 else 1)

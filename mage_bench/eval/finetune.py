@@ -577,7 +577,7 @@ class FinetuneSteps:
         self.num_classes, self.total_steps, self.seed, self.identity = num_classes, total_steps, seed, identity
         self.runtime, self.token_batch = runtime, token_batch
         self.optimizer = torch.optim.AdamW(param_groups_lrd(classifier, cfg.weight_decay, cfg.layer_decay),
-                                           lr=cfg.lr, betas=tuple(cfg.betas))
+                                           lr=cfg.lr, betas=tuple(cfg.betas), foreach=True)  # as pre-training
         self.scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp_dtype == torch.float16)
         self.wrapped = classifier
         if runtime.world > 1:
