@@ -142,6 +142,14 @@ def check_output_folder(out: Path, state: Path, resume: bool, folder_hint: str, 
         raise UserError(f"{out} already holds {state_name}; pass --resume to continue it or choose another --out")
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log (a run's metrics.jsonl), blank lines skipped; [] when there is no file."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def rewind_jsonl(path: str | os.PathLike, step: int) -> None:
     """Drop log lines with "step" beyond `step` (written after the checkpoint being resumed)."""
     path = Path(path)

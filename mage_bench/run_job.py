@@ -172,13 +172,9 @@ def _leave_process_group() -> None:
 def _peak_memory(run_dir: Path) -> dict[str, float]:
     """{"peak_memory_gb": the largest GPU allocator high-water mark rank 0 logged}, from metrics.jsonl (it is
     logged by the training process, which may be a torchrun or Slurm child of this one); {} on CPU."""
-    peaks = []
-    path = run_dir / METRICS_FILE
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            value = json.loads(line).get("peak_memory_gb") if line.strip() else None
-            if value is not None:
-                peaks.append(value)
+    from mage_bench.io import read_jsonl
+
+    peaks = [r["peak_memory_gb"] for r in read_jsonl(run_dir / METRICS_FILE) if r.get("peak_memory_gb") is not None]
     return {"peak_memory_gb": max(peaks)} if peaks else {}
 
 

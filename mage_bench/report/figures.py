@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from mage_bench.io import read_jsonl
 from mage_bench.report.collate import HEADLINES, Headline, headline_label, select
 from mage_bench.report.labels import place_labels
+from mage_bench.runs import METRICS_FILE
 
 if TYPE_CHECKING:  # matplotlib is imported only when a figure is drawn
     from matplotlib.axes import Axes
@@ -205,10 +206,7 @@ def loss_curves(runs: list[dict[str, Any]], folders: dict[str, Path]) -> str | N
     labelled: set[str] = set()
     drawn = False
     for run in runs:
-        path = folders.get(run["run"], Path()) / "metrics.jsonl"
-        if not path.is_file():
-            continue
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = read_jsonl(folders.get(run["run"], Path()) / METRICS_FILE)
         if not lines:
             continue
         color = colors.setdefault(run["point"], f"C{len(colors) % 10}")

@@ -12,13 +12,13 @@ Never imports torch: it reads run folders and the results table only.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from mage_bench.io import read_jsonl
 from mage_bench.proxies import (
     FD_EXTRACTOR_KEY,
     FD_SAMPLES_KEY,
@@ -41,11 +41,7 @@ def proxy_rows(runs: list[dict[str, Any]], folders: dict[str, Path]) -> pd.DataF
     keys = {p.key for p in PROXIES}
     rows = []
     for run in runs:
-        path = folders.get(run["run"], Path()) / METRICS_FILE
-        if not path.is_file():
-            continue
-        for line in path.read_text().splitlines():
-            record = json.loads(line) if line.strip() else {}
+        for record in read_jsonl(folders.get(run["run"], Path()) / METRICS_FILE):
             if keys & set(record):
                 rows.append({"run": run["run"], "point": run["point"], "seed": run.get("seed"), **record})
     return pd.DataFrame(rows)
