@@ -23,6 +23,7 @@ import numpy as np
 from mage_bench.config import DEFAULT_EVAL, DataConfig, EvalConfig
 from mage_bench.errors import UserError
 from mage_bench.eval import fewshot, knn, linear, linear_views
+from mage_bench.eval.features import OFFICIAL_POOLING
 from mage_bench.eval.inputs import (  # noqa: F401  (run_data_config and dataset_identities: re-exported)
     dataset_identities,
     evaluation_datasets,
@@ -159,7 +160,7 @@ def evaluate_run(run_dir: str | Path | Any, names: list[str], settings: EvalConf
     config, data = run.config, run_data_config(run.config, data_name)
     depth = config.model.depth
     views = settings.feature_views(depth)  # (block, pooling) pairs; a block beyond the encoder fails here
-    official = (depth - 1, "mean")
+    official = (depth - 1, OFFICIAL_POOLING)
     on_run = [name for name in names if EVALUATORS.get(name).on_run]
     if on_run and views != [official]:
         raise UserError(f"--layers/--pooling choose cached features; {on_run[0]} probes the official feature on "
@@ -233,7 +234,8 @@ def evaluate_all(run_dir: str | Path | Any, settings: EvalConfig = DEFAULT_EVAL,
     reference images (the real split of the run's data set), so both sides of the Fréchet distance have
     the same count; `samples` passes images generated already (an `ImageSet` of that many).
     Writes RUN/eval/{linear,fewshot,knn,fid}.json, RUN/eval/inpaint.json when `settings.inpaint` names
-    masks, and RUN/eval/finetune.json (after fine-tuning into RUN/finetune/) when `settings.finetune` names a preset. `resume`: evaluators (fid and inpaint included) whose records exist and were computed from the
+    masks, and RUN/eval/finetune.json (after fine-tuning into RUN/finetune/) when `settings.finetune` names
+    a preset. `resume`: evaluators (fid and inpaint included) whose records exist and were computed from the
     same inputs are read back, not recomputed (module doc).
     """
     import dataclasses

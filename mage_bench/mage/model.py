@@ -253,16 +253,14 @@ class MAGE(nn.Module):
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Probe feature, nothing masked: mean of last-block tokens 1..L (no final norm), then a
         parameter-free LayerNorm, as the official linear probe (global pool + fresh fc_norm)."""
-        x = self.embed_tokens(tokens, torch.zeros_like(tokens, dtype=torch.bool))
-        for block in self.blocks:
-            x = block(x)
-        return F.layer_norm(x[:, 1:].mean(dim=1), (x.shape[-1],), eps=1e-6)  # (B, D)
+        last = len(self.blocks) - 1
+        return self.layer_features(tokens, [last], ["mean"])[(last, "mean")]  # (B, D)
 
     def layer_features(self, tokens: torch.Tensor, layers: Sequence[int],
                        poolings: Sequence[str]) -> dict[tuple[int, str], torch.Tensor]:
         """Probe features of several blocks and poolings from ONE forward pass, nothing masked:
         {(block index, pooling): float[B, D or 2D]}. Block i is 0-based (the last is depth - 1); poolings
-        are `POOLINGS`. At the last block, "mean" is exactly `features` (the same operations)."""
+        are `POOLINGS`; `features` is the last block's "mean"."""
         unknown = sorted(set(poolings) - set(POOLINGS))
         if unknown or any(not 0 <= layer < len(self.blocks) for layer in layers):
             raise ValueError(f"layers must be in [0, {len(self.blocks) - 1}] and poolings in {sorted(POOLINGS)}; "

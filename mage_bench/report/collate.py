@@ -158,13 +158,20 @@ def official_view(results: pd.DataFrame) -> pd.Series:
     return no_view | last_mean
 
 
-def select(results: pd.DataFrame, headline: Headline) -> pd.DataFrame:
+def headline_rows(results: pd.DataFrame, headline: Headline) -> pd.DataFrame:
+    """Every record of one headline metric, at every probed block and pooling (the depth profile's rows)."""
     if results.empty:
         return results
     mask = (results["evaluator"] == headline.evaluator) & (results["metric"] == headline.metric)
     for column, value in headline.where.items():
         mask &= results.get(column, pd.Series(np.nan, index=results.index)) == value
-    return results[mask & official_view(results)]
+    return results[mask]
+
+
+def select(results: pd.DataFrame, headline: Headline) -> pd.DataFrame:
+    """The records of one headline metric that the summary and figures use: the official probe view only."""
+    rows = headline_rows(results, headline)
+    return rows[official_view(rows)]
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:

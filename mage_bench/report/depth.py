@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from mage_bench.report.collate import HEADLINES, Headline, headline_label
+from mage_bench.report.collate import HEADLINES, Headline, headline_label, headline_rows
 from mage_bench.report.figures import png, pyplot, short
 
 if TYPE_CHECKING:
@@ -27,11 +27,8 @@ def _rows(results: pd.DataFrame, headline: Headline) -> pd.DataFrame:
     """Every block and pooling of one headline metric, sweep runs only."""
     if results.empty or "layer" not in results or "pooling" not in results:
         return results.iloc[0:0]
-    mask = ((results["evaluator"] == headline.evaluator) & (results["metric"] == headline.metric)
-            & (results["role"] == "run") & results["layer"].notna())
-    for column, value in headline.where.items():
-        mask &= results.get(column, pd.Series(np.nan, index=results.index)) == value
-    return results[mask]
+    rows = headline_rows(results, headline)
+    return rows[(rows["role"] == "run") & rows["layer"].notna()]
 
 
 def profiles(results: pd.DataFrame, points: list[str]) -> list[tuple[Headline, str, pd.DataFrame]]:
