@@ -122,14 +122,7 @@ def setup_runtime(config: RunConfig) -> Runtime:
     want_cuda = config.train.device == "cuda" or (config.train.device == "auto" and torch.cuda.is_available())
     if config.train.device == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device: cuda asked for, but no CUDA device is visible; use auto or cpu")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if want_cuda else "gloo")
-    device = torch.device(f"cuda:{local_rank}" if want_cuda else "cpu")
-    if want_cuda:
-        torch.cuda.set_device(device)
+    rank, world, device = join_torchrun(want_cuda)
     amp = config.train.amp
     if amp == "auto":
         amp = ("bf16" if bf16_native() else "fp16") if want_cuda else "off"
@@ -137,6 +130,20 @@ def setup_runtime(config: RunConfig) -> Runtime:
         raise ConfigError(f"train.amp: {amp} needs a GPU; CPU training runs in fp32 (use auto or off)")
     dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     return Runtime(rank, world, device, dtype)
+
+
+def join_torchrun(cuda: bool) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process, which joins torchrun's process group when there are 2+
+    processes (nccl on GPUs, gloo on CPU); the device is cuda:LOCAL_RANK, made current, or the CPU. Shared
+    by pre-training and fine-tuning (`eval.finetune.setup_runtime`)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device
 
 
 def bf16_native() -> bool:

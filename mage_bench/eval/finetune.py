@@ -505,25 +505,20 @@ class Runtime:
 def setup_runtime(device: str) -> Runtime:
     """Join torchrun's process group when there is one (gloo on CPU, nccl on GPU); choose the device and
     the autocast dtype (bf16 where native, else fp16; none on CPU)."""
-    import os
-
     import torch
-    import torch.distributed as dist
 
     from mage_bench.runs import resolve_device
+    from mage_bench.train import bf16_native, join_torchrun
 
     name = resolve_device(device)
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     cuda = name.startswith("cuda")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        from mage_bench.train import bf16_native
-
-        dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if name == "cuda" else torch.device(name)
+    rank, world, dev = join_torchrun(cuda)
+    if not cuda:
+        return Runtime(rank, world, dev, None)
+    if name != "cuda":  # an explicit cuda:N rather than torchrun's LOCAL_RANK
+        dev = torch.device(name)
         torch.cuda.set_device(dev)
-        return Runtime(rank, world, dev, torch.bfloat16 if bf16_native() else torch.float16)
-    return Runtime(rank, world, torch.device(name), None)
+    return Runtime(rank, world, dev, torch.bfloat16 if bf16_native() else torch.float16)
 
 
 def host_rng_state(device: Any) -> dict[str, Any]:
