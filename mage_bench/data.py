@@ -52,8 +52,8 @@ def dataset_identity(dataset: Any) -> str:
 
 
 # Data settings that do not change an image's pixels: left out of cache keys, so e.g. another worker
-# count reuses the same features and reference.
-NOT_PIXELS = ("num_workers", "download")
+# count reuses the same features and reference (cache_tokens changes the training views only).
+NOT_PIXELS = ("num_workers", "download", "cache_tokens")
 
 
 def pixel_settings(config: DataConfig) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mage_bench.config import run_identity, to_dict
+from mage_bench.config import DataConfig, run_identity, to_dict
 from mage_bench.errors import UserError
 from mage_bench.io import atomic_write_json, git_commit, package_versions, utc_now
 from mage_bench.metrics import Metric, declared
@@ -27,8 +27,11 @@ def config_hash(config: Any) -> str:
 
     The tokenizer is named by its content (the sha256 of its weights), not by where it lies, so the same
     sweep run in two folders gives its records the same hashes. Settings that change only what a run logs
-    (`config.OBSERVATION_KEYS`) are left out."""
-    return _hash(_with_tokenizer_identity(run_identity(to_dict(config))))
+    (`config.OBSERVATION_KEYS`) are left out, and so are keys added later at their old meaning
+    (`config.LATER_KEYS`). `config` may be a data section alone (the raw-pixel reference rows)."""
+    data = to_dict(config)
+    data = run_identity({"data": data})["data"] if isinstance(config, DataConfig) else run_identity(data)
+    return _hash(_with_tokenizer_identity(data))
 
 
 def path_config_hash(config: Any) -> str:

@@ -64,11 +64,24 @@ def resolve_automatic(config: RunConfig) -> RunConfig:
     masking = config.masking
     distribution, mask_ratio_min = resolve_masking(masking.spec, masking.mask_ratio_min, masking.clamp_to_drop)
     augment = config.train.augment
+    cached = config.data.cache_tokens
+    if cached and is_in_memory(config.data):
+        raise ConfigError(f"data.cache_tokens applies to folder data sets; {config.data.name} is in memory and its "
+                          "tokens are computed once already (with train.augment: none): remove data.cache_tokens")
     if augment == "auto":
         if is_in_memory(config.data):
             augment = "affine" if config.contrastive.weight > 0 else "none"
         else:
-            augment = "dataset"
+            augment = "center-flip" if cached else "dataset"
+    if cached and augment != "center-flip":
+        raise ConfigError(f"data.cache_tokens trains on the cached centre crop and its flip, but train.augment is "
+                          f"{augment}: set train.augment to auto or center-flip, or turn data.cache_tokens off")
+    if augment == "center-flip" and not cached:
+        raise ConfigError("train.augment: center-flip is the view set of cached tokens: set data.cache_tokens: true "
+                          "(or use train.augment: dataset for random crops)")
+    if cached and config.contrastive.weight > 0:
+        raise ConfigError("contrastive.weight > 0 needs two random views of each image per step; data.cache_tokens "
+                          "holds two fixed views: turn data.cache_tokens off for MAGE-C")
     if augment == "dataset" and is_in_memory(config.data):
         raise ConfigError(f"train.augment: dataset needs a folder data set; {config.data.name} is in memory "
                           "(use none or affine)")
@@ -215,12 +228,16 @@ class TokenStream:
     In-memory data: one global batch order per epoch, sliced by rank (exactly reproducible).
     Folder data: a DataLoader with torch's DistributedSampler (shuffled per epoch from the seed,
     each rank its share) and `data.num_workers` workers; resume skips the batches already seen.
+    Folder data with `data.cache_tokens` (`train.augment: center-flip`): the cached tokens of each image's
+    centre crop and its flip (`mage_bench.token_cache`), in the in-memory order, one view drawn per image.
     """
 
-    def __init__(self, config: RunConfig, runtime: Runtime, tokenizer: nn.Module, views: int) -> None:
+    def __init__(self, config: RunConfig, runtime: Runtime, tokenizer: nn.Module, views: int,
+                 progress: bool = False) -> None:
         self.config, self.runtime, self.tokenizer, self.views = config, runtime, tokenizer, views
         self.batch, self.global_batch = config.train.batch_size, config.train.batch_size * runtime.world
         self.dataset = create_dataset(config.data, "train", train_transform=config.train.augment == "dataset")
+        self.view_tokens, self.token_cache = None, None  # data.cache_tokens: int[N, 2, L] on the CPU, its description
         if len(self.dataset) < self.global_batch:
             raise UserError(f"the data set has {len(self.dataset)} images, fewer than one global batch of "
                             f"{self.global_batch}; lower train.batch_size")
@@ -232,6 +249,14 @@ class TokenStream:
         if config.train.augment == "none":  # no augmentation: tokenize the data set once
             images, _ = self.dataset.tensors()
             self.cached_tokens = torch.cat([self._tokenize(images[i:i + 512]) for i in range(0, len(images), 512)])
+        elif config.train.augment == "center-flip":  # folder data, each image's two fixed views tokenised once
+            from mage_bench import token_cache
+
+            encode = "fp16-autocast" if runtime.amp_dtype is not None else "fp32"
+            key = token_cache.cache_key(config.tokenizer, config.data, self.dataset, encode)
+            self.view_tokens, self.token_cache = token_cache.view_tokens(
+                key, self.dataset, self._tokenize, runtime.rank, runtime.world, config.data.num_workers,
+                progress and runtime.is_main)
 
     @torch.no_grad()
     def _tokenize(self, images: torch.Tensor) -> torch.Tensor:
@@ -278,6 +303,10 @@ class TokenStream:
             self.position += 1
             if self.cached_tokens is not None:
                 return self.rank_slice(self.cached_tokens[order.to(self.cached_tokens.device)]), None
+            if self.view_tokens is not None:  # one of the two cached views per image, drawn for the global batch
+                flips = torch.randint(0, 2, (len(order),), generator=self.augment_generator)
+                tokens = self.rank_slice(self.view_tokens[order, flips])
+                return tokens.to(self.runtime.device, torch.long, non_blocking=True), None
             images, _ = self.dataset.tensors()
             views = [self.rank_slice(random_affine(images[order], self.augment_generator)) for _ in range(self.views)]
         tokens = [self._tokenize(v) for v in views]
@@ -334,7 +363,7 @@ def lr_at(step: int, base_lr: float, config: RunConfig) -> float:
 class Trainer:
     """One training process's state and its step, shared by `train`, the DDP test and the benchmark."""
 
-    def __init__(self, config: RunConfig, runtime: Runtime) -> None:
+    def __init__(self, config: RunConfig, runtime: Runtime, progress: bool = False) -> None:
         from mage_bench.tokenizer import load_tokenizer
 
         self.config, self.runtime, t = config, runtime, config.train
@@ -350,7 +379,7 @@ class Trainer:
                                            betas=t.betas, foreach=True)
         self.scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp_dtype == torch.float16)
         tokenizer = load_tokenizer(config.tokenizer).to(runtime.device)
-        self.stream = TokenStream(config, runtime, tokenizer, 2 if config.contrastive.weight > 0 else 1)
+        self.stream = TokenStream(config, runtime, tokenizer, 2 if config.contrastive.weight > 0 else 1, progress)
         self.masking = config.masking.distribution  # built once, when the config was resolved
         self.mask_generator = torch.Generator().manual_seed(config.seed * 13 + 5)
         torch.manual_seed(config.seed * 7919 + runtime.rank + 1)  # dropout: a stream per process
@@ -545,10 +574,12 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, progress
     launch = launch_record(config, runtime.world)
     if resume and (run / CHECKPOINT_FILE).exists():
         check_same_launch(run, launch)
-    trainer = Trainer(config, runtime)
+    trainer = Trainer(config, runtime, progress)
     folder = TrainingFolder(run, CHECKPOINT_FILE, runtime.is_main)
     tcfg = config.train
     step, elapsed = folder.begin(config, resume, trainer.load)
+    if trainer.stream.token_cache is not None:  # data.cache_tokens: where the tokens came from, and their key
+        launch = {**launch, "token_cache": trainer.stream.token_cache}
     if runtime.is_main:
         atomic_write_json(run / LAUNCH_FILE, launch)
     if step >= tcfg.steps:  # finished already: resuming is a no-op
