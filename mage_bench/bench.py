@@ -30,6 +30,7 @@ class BenchResult:
     counted_flops: float  # FlopCounterMode (attention may be missing on CPU)
     peak_flops: float
     peak_memory_gb: float | None = None  # the allocator's high-water mark over the timed steps (GPU only)
+    compiled: bool = False  # the objective through torch.compile (`train.compile`)
 
     @property
     def images_per_s(self) -> float:
@@ -47,7 +48,7 @@ class BenchResult:
         return {"model": self.model, "device": self.device, "dtype": self.dtype, "batch_size": self.batch_size,
                 "step_s": self.step_s, "images_per_s": self.images_per_s, "tokens_per_s": self.tokens_per_s,
                 "gflops_per_step": self.flops_per_step / 1e9, "peak_gflops": self.peak_flops / 1e9,
-                "mfu": self.mfu, "peak_memory_gb": self.peak_memory_gb}
+                "mfu": self.mfu, "peak_memory_gb": self.peak_memory_gb, "compiled": self.compiled}
 
 
 def analytic_train_flops(cfg, batch_size: int, n_drop: int, attention: bool = True) -> float:
@@ -91,7 +92,9 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...]
 
 
 def bench_model(name: str, batch_size: int, steps: int, device: torch.device, peak: float,
-                overrides: dict[str, Any] | None = None) -> BenchResult:
+                overrides: dict[str, Any] | None = None, compile: bool = False) -> BenchResult:
+    """Times `steps` training steps of preset `name` after 2 warm-up steps (which include the compilation
+    with `compile`: the objective through torch.compile, as `train.compile` trains)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from mage_bench.config import RunConfig, from_dict
@@ -116,9 +119,11 @@ def bench_model(name: str, batch_size: int, steps: int, device: torch.device, pe
         mask, drop = rank_token_masks(ratios, L, 0.5, seed=0, step=step, view=0, first_row=0)  # as training draws
         return tokens.to(device), mask, drop
 
-    def step(tokens, mask, drop):
+    forward = torch.compile(objective) if compile else objective
+
+    def step(tokens, mask, drop, forward=forward):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = objective(tokens, mask, drop)["loss"]
+            loss = forward(tokens, mask, drop)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -126,8 +131,8 @@ def bench_model(name: str, batch_size: int, steps: int, device: torch.device, pe
     batches = [batch(step) for step in range(steps + 3)]
     drop_count = batches[0][2][0].sum()
     counter = FlopCounterMode(display=False)
-    with counter:
-        step(*batches[0])
+    with counter:  # eager: FlopCounterMode counts the dispatched ops, which a compiled graph hides
+        step(*batches[0], forward=objective)
     for b in batches[1:3]:  # warm-up
         step(*b)
     _sync(device)
@@ -141,20 +146,22 @@ def bench_model(name: str, batch_size: int, steps: int, device: torch.device, pe
     n_drop = int(drop_count)
     return BenchResult(name, device.type, "bf16-autocast" if amp else "fp32", batch_size, L, step_s,
                        analytic_train_flops(config.model, batch_size, n_drop), float(counter.get_total_flops()), peak,
-                       peak_memory_gb(device))
+                       peak_memory_gb(device), compile)
 
 
-def bench_train(models: list[str], batch_size: int, steps: int, device: str = "cpu") -> list[BenchResult]:
+def bench_train(models: list[str], batch_size: int, steps: int, device: str = "cpu",
+                compile: bool = False) -> list[BenchResult]:
     dev = torch.device(device)
     peak = matmul_peak(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    return [bench_model(name, batch_size, steps, dev, peak) for name in models]
+    return [bench_model(name, batch_size, steps, dev, peak, compile=compile) for name in models]
 
 
 def format_table(results: list[BenchResult]) -> str:
-    lines = [f"{'model':<24} {'device':<6} {'batch':>5} {'step s':>8} {'img/s':>9} {'tok/s':>10} "
+    lines = [f"{'model':<24} {'device':<6} {'mode':<8} {'batch':>5} {'step s':>8} {'img/s':>9} {'tok/s':>10} "
              f"{'GFLOP/step':>11} {'peak GFLOP/s':>13} {'MFU':>6}"]
     for r in results:
-        lines.append(f"{r.model:<24} {r.device:<6} {r.batch_size:>5} {r.step_s:>8.3f} {r.images_per_s:>9.1f} "
+        mode = "compiled" if r.compiled else "eager"
+        lines.append(f"{r.model:<24} {r.device:<6} {mode:<8} {r.batch_size:>5} {r.step_s:>8.3f} {r.images_per_s:>9.1f} "
                      f"{r.tokens_per_s:>10.0f} {r.flops_per_step / 1e9:>11.1f} {r.peak_flops / 1e9:>13.1f} "
                      f"{100 * r.mfu:>5.1f}%")
     return "\n".join(lines)

@@ -327,7 +327,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     for name in args.models:
         MODEL_PRESETS.get(name)  # a typo is a one-line error before anything is timed
-    results = bench_train(args.models, args.batch_size, args.steps, resolve_device(args.device))
+    results = bench_train(args.models, args.batch_size, args.steps, resolve_device(args.device), args.compile)
     _emit(args, [r.as_dict() for r in results], format_table(results))
     return 0
 
@@ -593,6 +593,8 @@ def _add_bench_parser(sub: Any) -> None:
     p.add_argument("--models", nargs="+", default=["mage_tiny", "mage_small"])
     p.add_argument("--batch-size", type=int, default=128), p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--compile", action="store_true",
+                   help="train: the objective through torch.compile, as train.compile (warm-up steps compile)")
     _common(p)
     p.set_defaults(func=cmd_bench)
 

@@ -7,7 +7,7 @@ here in one go, each stage timed and bounded by what is left of the budget:
 - gpu_tests: `pytest -m gpu` (bf16 vs fp32 training step of ViT-B, CUDA vs CPU generation, kNN, FID,
   torchrun with nccl, a compiled step against eager); skipped tests are counted, not hidden;
 - bench_train: `bench train` of mage_vit_base_patch16 and mage_vit_large_patch16 (images/s, tokens/s,
-  MFU against the matmul rate of the same process, peak memory);
+  MFU against the matmul rate of the same process, peak memory), and ViT-B again compiled (`train.compile`);
 - generate: images/s of 256 px generation (ViT-B, 20 steps, temperature 6.0, VQGAN decode) at the best
   batch, in fp32 (what `generate` runs today) and under bf16 autocast;
 - inception: images/s of Inception-v3 features (random weights: the speed does not depend on them);
@@ -45,17 +45,19 @@ class Profile:
     name: str
     device: str
     train_models: tuple[str, ...]
+    compiled_models: tuple[str, ...]  # benched again with train.compile
     train_batch: int
     train_steps: int
     generate: dict[str, Any]
     inception: dict[str, Any]
 
 
-GPU = Profile("gpu", "cuda", ("mage_vit_base_patch16", "mage_vit_large_patch16"), 128, 10,
+GPU = Profile("gpu", "cuda", ("mage_vit_base_patch16", "mage_vit_large_patch16"), ("mage_vit_base_patch16",), 128, 10,
               {"model": "mage_vit_base_patch16", "tokenizer": "vqgan_mage", "steps": 20, "temperature": 6.0,
                "batches": (64, 128, 256)},
               {"batches": (128, 256, 512), "size": 256})
-CPU_SMOKE = Profile("cpu-smoke", "cpu", ("mage_tiny",), 8, 2,
+# No compiled bench on CPU: inductor's first compilation alone takes ~40 s on 2 cores.
+CPU_SMOKE = Profile("cpu-smoke", "cpu", ("mage_tiny",), (), 8, 2,
                     {"model": "mage_tiny", "tokenizer": "vq_digits", "steps": 4, "temperature": 4.5, "batches": (4,),
                      "repeats": 1},
                     {"batches": (2,), "size": 64, "repeats": 1})
@@ -119,11 +121,13 @@ def _bench_train(profile: Profile, ctx: dict[str, Any]) -> dict[str, Any]:
 
     dev = torch.device(profile.device)
     rows = []
-    for name in profile.train_models:
-        result = bench_model(name, profile.train_batch, profile.train_steps, dev, ctx["peak"])
+    runs = [(name, False) for name in profile.train_models] + [(name, True) for name in profile.compiled_models]
+    for name, compiled in runs:
+        result = bench_model(name, profile.train_batch, profile.train_steps, dev, ctx["peak"], compile=compiled)
         rows.append(result.as_dict())
-        ctx["log"](f"  {name}: {result.images_per_s:.1f} img/s, MFU {100 * result.mfu:.1f}%, "
-                   f"peak memory {result.peak_memory_gb if result.peak_memory_gb is not None else '-'} GB")
+        ctx["log"](f"  {name}{' (compiled)' if compiled else ''}: {result.images_per_s:.1f} img/s, MFU "
+                   f"{100 * result.mfu:.1f}%, peak memory "
+                   f"{result.peak_memory_gb if result.peak_memory_gb is not None else '-'} GB")
     return {"models": rows}
 
 

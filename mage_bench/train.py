@@ -3,7 +3,9 @@
 Official recipe: AdamW betas (0.9, 0.95), weight decay 0.05 on every parameter except 1-D ones and
 biases (timm 0.3.2's add_weight_decay, which the official code uses: embeddings *are* decayed),
 lr = blr * effective batch / 256, linear warmup then half-cycle cosine, gradient clipping, autocast
-on GPU with fp32 attention logits. DDP when launched by torchrun (gloo on CPU, nccl on GPU).
+on GPU with fp32 attention logits. DDP when launched by torchrun (gloo on CPU, nccl on GPU); the
+objective through torch.compile with `train.compile` (after the DDP wrapper, whose bucketing dynamo's
+DDP optimiser follows).
 
 Exactness: one global batch order per epoch (a pure function of seed and epoch), sliced by rank;
 masking ratios and augmentations are drawn for the whole global batch from generators every process
@@ -387,6 +389,8 @@ class Trainer:
         if runtime.world > 1:
             self.wrapped = nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+        if t.compile:  # the same parameters: checkpoints, the optimizer and the proxies see the eager modules
+            self.wrapped = torch.compile(self.wrapped)
         self.objective.train()
 
     def _masks(self, ratios: torch.Tensor, L: int, step: int, view: int) -> tuple[torch.Tensor, torch.Tensor]:

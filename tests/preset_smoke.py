@@ -1,6 +1,6 @@
-"""A big preset's whole path at toy scale: `python tests/preset_smoke.py paper [--out DIR] [--points N]`.
+"""A big preset's whole path at toy scale: `python tests/preset_smoke.py paper|cifar10 [--out DIR] [--points N]`.
 
-The `paper` preset of experiments/masking.yaml as a user would run it (folder data at 256 px, the official-size
+`paper`: the preset of experiments/masking.yaml as a user would run it (folder data at 256 px, the official-size
 VQGAN and ViT-B, Inception FID, the report), with only what cannot exist here replaced: a small random image
 folder in ImageNet's imagefolder layout, the VQGAN and Inception with random weights the script makes, the
 local executor on CPU instead of Slurm on GPUs, and toy sizes (2 training steps of batch 2, 10 generated
@@ -8,8 +8,10 @@ images decoded in 2 steps, a few shots). Everything else (model, tokenizer confi
 record schema, report) is the preset's. tests/test_presets_smoke.py runs it; errors on this path surface
 here, not on a cluster.
 
-The cifar10 preset is not covered: torchvision's CIFAR-10 reader checks the md5 of the official batch files,
-which a made-up data set cannot match (and the sweep evaluates in subprocesses, so no test patch reaches it).
+`cifar10`: that preset's path (the sweep training its own 32 px vq_digits tokenizer, mage_small on 8x8 tokens,
+Inception FID, the report), with a 32 px random image folder standing in for CIFAR-10: torchvision's CIFAR-10
+reader checks the md5 of the official batch files, which made-up data cannot match, so the `cifar10:` reader
+itself is not run here.
 """
 
 from __future__ import annotations
@@ -50,16 +52,23 @@ def toy_spec(root: Path, preset: str = "paper", points: int = 1) -> Path:
     presets = raw.pop("presets")
     raw.pop("default_preset", None)
     spec: dict[str, Any] = deep_merge(raw, presets[preset])
-    data = write_image_folder(root / "imagenet", {"train": 4, "val": 2}, shape=(300, 280, 3))
-    tokenizer = root / "vqgan"
-    tokenizer.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    torch.save(tokenizer_payload(create_tokenizer("vqgan_mage")), tokenizer / "tokenizer.pt")
     inception = write_random_inception_weights(root / "inception-random.pth")
     spec = deep_merge(spec, TOY)
     spec = deep_merge(spec, {"name": f"smoke-{preset}", "points": spec["points"][:points],
-                             "run": {"data": {"name": f"imagefolder:{data}"}},
-                             "tokenizer": {"path": str(tokenizer)}, "eval": {"weights": str(inception)}})
+                             "eval": {"weights": str(inception)}})
+    if preset == "paper":
+        data = write_image_folder(root / "imagenet", {"train": 4, "val": 2}, shape=(300, 280, 3))
+        tokenizer = root / "vqgan"
+        tokenizer.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        torch.save(tokenizer_payload(create_tokenizer("vqgan_mage")), tokenizer / "tokenizer.pt")
+        spec = deep_merge(spec, {"run": {"data": {"name": f"imagefolder:{data}"}}, "tokenizer": {"path": str(tokenizer)}})
+    else:  # cifar10: the sweep trains the preset's tokenizer, on the stand-in folder
+        data = write_image_folder(root / "cifar10", {"train": 8, "val": 8}, shape=(32, 32, 3))
+        spec = deep_merge(spec, {"run": {"data": {"name": f"imagefolder:{data}"}},
+                                 "tokenizer": {"train": {"data": {"name": f"imagefolder:{data}"},
+                                                         "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1,
+                                                                   "eval_images": 8}}}})
     path = root / f"smoke-{preset}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -71,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from mage_bench.cli import main as cli
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("preset", choices=["paper"])
+    parser.add_argument("preset", choices=["paper", "cifar10"])
     parser.add_argument("--out", type=Path, help="where to write (default: a temporary folder)")
     parser.add_argument("--points", type=int, default=1)
     args = parser.parse_args(argv)

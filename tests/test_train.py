@@ -207,3 +207,17 @@ def test_cli_training_survives_kill_9(tmp_path, tiny_run_layer):
     strip = lambda run: [{k: v for k, v in json.loads(x).items() if k != "time_s"}  # noqa: E731
                          for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert strip(tmp_path / "killed") == strip(tmp_path / "straight")
+
+
+@pytest.mark.smoke  # inductor's first compilation: ~45 s on 2 cores
+def test_a_compiled_run_trains_as_eager_up_to_rounding(tmp_path, tiny_run_layer):
+    """train.compile: the objective through torch.compile (inductor on the CPU here). The losses follow the eager
+    run's to float rounding, the checkpoint holds the plain module's keys, and the setting is recorded."""
+    layer = {**tiny_run_layer, "train": {**tiny_run_layer["train"], "steps": 3, "checkpoint_every": 3}}
+    train(_config(layer), tmp_path / "eager", progress=False)
+    train(_config({**layer, "train": {**layer["train"], "compile": True}}), tmp_path / "compiled", progress=False)
+    logs = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("eager", "compiled")]
+    assert logs[0] == pytest.approx(logs[1], rel=1e-4)
+    assert set(_weights(tmp_path / "compiled")) == set(_weights(tmp_path / "eager"))
+    assert yaml.safe_load((tmp_path / "compiled" / "config.yaml").read_text())["train"]["compile"] is True

@@ -36,10 +36,12 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, nh, N, hd) each
-        # As officially: attention logits and softmax in fp32 even under autocast.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
-                                                 dropout_p=self.attn_dropout if self.training else 0.0)
+        # The official attention under fp16 autocast: q @ k^T of the half-precision q, k upcast to fp32, the softmax
+        # in fp32, the probabilities times v in half precision. SDPA given the half-precision q, k, v does the same
+        # up to summation order: its fused kernels (flash attention on GPUs) accumulate q @ k^T and run the
+        # softmax in fp32, then multiply half-precision probabilities by v; upcasting q, k, v first would only rule
+        # flash attention out (it takes 16-bit inputs). In fp32 (CPU) this is plain fp32 attention.
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         return self.proj_drop(self.proj(out))
 
