@@ -1,6 +1,6 @@
 """`mage-bench bench train`: training throughput, FLOPs per step and MFU, measured in one run.
 
-For each model preset it times full training steps (forward, backward, AdamW) of the same
+For each model preset it times full training steps (forward, backward, gradient clipping, AdamW) of the same
 objective `mage-bench train` uses, on synthetic tokens with the official masking (truncnorm,
 half the tokens dropped). FLOPs per step are counted by torch's FlopCounterMode on one real step
 are counted by hand (`analytic_train_flops`: matmuls and attention, forward and backward), and
@@ -126,6 +126,7 @@ def bench_model(name: str, batch_size: int, steps: int, device: torch.device, pe
             loss = forward(tokens, mask, drop)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(objective.parameters(), 3.0, foreach=True)  # as train
         optimizer.step()
 
     batches = [batch(step) for step in range(steps + 3)]

@@ -314,6 +314,8 @@ def cmd_bench_eval(args: argparse.Namespace) -> int:
         result = bench_eval.bench_eval_all(args.run, device=device)
     else:
         result = bench_eval.bench_fid_cache(args.run, device=device)
+    command = f"mage-bench bench {args.what}" + (f" --run {args.run}" if args.run else "") + f" --device {args.device}"
+    result = {**result, "command": command}
     _emit(args, result, "\n".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}"
                                    for k, v in result.items()))
     return 0
@@ -328,7 +330,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for name in args.models:
         MODEL_PRESETS.get(name)  # a typo is a one-line error before anything is timed
     results = bench_train(args.models, args.batch_size, args.steps, resolve_device(args.device), args.compile)
-    _emit(args, [r.as_dict() for r in results], format_table(results))
+    command = (f"mage-bench bench train --models {' '.join(args.models)} --batch-size {args.batch_size} "
+               f"--steps {args.steps} --device {args.device}" + (" --compile" if args.compile else ""))
+    _emit(args, {"command": command, "models": [r.as_dict() for r in results]},
+          f"{format_table(results)}\n(command: {command})")
     return 0
 
 

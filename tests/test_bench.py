@@ -27,3 +27,25 @@ def test_bench_knn_compares_the_same_search_on_small_sizes():
     result = bench_knn(n_database=600, n_queries=40, dim=16, k=5)
     assert result["same_neighbours"] == 1.0  # faiss and scikit-learn found the same neighbours
     assert result["floor_s"] > 0 and result["faiss_s"] > 0 and result["speedup"] > 0
+
+
+def test_bench_train_json_is_one_document_with_its_command(capsys, monkeypatch):
+    import json
+
+    import mage_bench.bench as bench
+    from mage_bench.cli import main
+
+    monkeypatch.setattr(bench, "matmul_peak", lambda device, dtype: 1e11)  # the peak's big matmuls take seconds
+    assert main(["bench", "train", "--models", "mage_tiny", "--batch-size", "8", "--steps", "2", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["command"] == "mage-bench bench train --models mage_tiny --batch-size 8 --steps 2 --device cpu"
+    (row,) = document["models"]
+    assert row["model"] == "mage_tiny" and row["batch_size"] == 8 and row["compiled"] is False
+    assert row["images_per_s"] > 0 and row["mfu"] > 0 and row["peak_gflops"] == 100.0
+    assert row["peak_memory_gb"] is None  # CPU: no allocator high-water mark
+    assert main(["bench", "train", "--models", "mage_tiny", "--batch-size", "8", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "eager" in out and out.rstrip().endswith("(command: mage-bench bench train --models mage_tiny "
+                                                     "--batch-size 8 --steps 1 --device cpu)")
+    assert main(["bench", "train", "--models", "mage_tinyy"]) == 2  # a typo: one line, exit 2
+    assert "mage_tinyy" in capsys.readouterr().err
