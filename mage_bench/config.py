@@ -167,6 +167,8 @@ class TokenizerJobConfig:
     train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
 
     def validate(self, path: str = "") -> None:
+        require(not self.data.cache_tokens, "data.cache_tokens applies to MAGE training (its token inputs); the "
+                                            "tokenizer trains on pixels: remove it from the tokenizer's config")
         require(self.data.image_size == self.tokenizer.resolution,
                  f"data.image_size={self.data.image_size} differs from tokenizer.resolution="
                  f"{self.tokenizer.resolution}; set one to match the other")

@@ -143,3 +143,14 @@ def test_the_sweep_guard_sees_what_cached_tokens_change(folder_layer):
     differs = check_confounds(SimpleNamespace(swept_keys=["data.cache_tokens"], coupled=coupled), plans)
     assert differs["differing"] == ["data.cache_tokens", "train.augment"]
     assert [row["derived"]["augmentation"] for row in differs["table"]] == ["center-flip", "dataset"]
+
+
+def test_the_tokenizer_trainer_refuses_cached_tokens(tmp_path, capsys):
+    from mage_bench.cli import main
+
+    config = tmp_path / "vq.yaml"
+    config.write_text(yaml.safe_dump({"data": {"name": "digits", "image_size": 16, "cache_tokens": True}}))
+    assert main(["tokenizer", "train", "--config", str(config), "--out", str(tmp_path / "vq")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data.cache_tokens applies to MAGE training" in err
+    assert not (tmp_path / "vq").exists()
