@@ -39,22 +39,25 @@ def _batch(config, batch: int, seed: int = 0):
 
 
 def test_bf16_training_step_of_vit_base_is_finite_and_close_to_fp32():
-    """One step of mage_vit_base_patch16 (batch 16, 256 tokens) under bf16 autocast against fp32 from the same
-    weights and batch: loss within 2% (bf16 keeps 8 bits of mantissa; logits and the loss are computed in fp32,
-    `objective`), every gradient finite, the update finite."""
+    """mage_vit_base_patch16 (batch 16, 256 tokens) under bf16 autocast against fp32 from the same weights and
+    batch: the loss within 2% without dropout (bf16 keeps 8 bits of mantissa; the attention logits and softmax
+    accumulate in fp32 in SDPA's kernels, the vocabulary logits and the loss are fp32, `objective`; dropout is off
+    for the comparison because flash attention draws its dropout differently from the fp32 kernel), then a bf16
+    training step with dropout: every gradient finite, the update finite."""
     objective, config = _objective("mage_vit_base_patch16")
-    objective = objective.cuda().train()
+    objective = objective.cuda().eval()
     tokens, mask, drop = (t.cuda() for t in _batch(config, 16))
-    state = {k: v.clone() for k, v in objective.state_dict().items()}
-    torch.manual_seed(1)
-    fp32 = objective(tokens, mask, drop)["loss"]
-    objective.load_state_dict(state)
-    torch.manual_seed(1)  # the same dropout draws
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        bf16 = objective(tokens, mask, drop)["loss"]
-    bf16.backward()
+    with torch.no_grad():
+        fp32 = objective(tokens, mask, drop)["loss"]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = objective(tokens, mask, drop)["loss"]
     assert torch.isfinite(fp32) and torch.isfinite(bf16)
     assert abs(bf16.item() - fp32.item()) <= 0.02 * abs(fp32.item()), (bf16.item(), fp32.item())
+    objective.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = objective(tokens, mask, drop)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in objective.parameters() if p.grad is not None)
     optimizer = torch.optim.AdamW(objective.parameters(), lr=1.5e-4)
     optimizer.step()
