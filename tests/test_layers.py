@@ -21,7 +21,7 @@ LAYERS = {
     # the trainers (MAGE's and the tokenizer's) share one skeleton, `training`
     "mage_bench.runs": 3, "mage_bench.results": 3, "mage_bench.samples": 3, "mage_bench.train": 3,
     "mage_bench.training": 3, "mage_bench.tokenizer.train": 3, "mage_bench.inpainting": 3,
-    "mage_bench.import_mage": 3, "mage_bench.bench": 3,
+    "mage_bench.import_mage": 3, "mage_bench.bench": 3, "mage_bench.token_cache": 3,
     "mage_bench.eval": 3, "mage_bench.proxies": 3,  # eval: a peer of train (ARCHITECTURE.md)
     "mage_bench.confounds": 5, "mage_bench.sweep_spec": 5, "mage_bench.run_job": 5, "mage_bench.bench_eval": 5,
     "mage_bench.device_check": 5,
