@@ -144,12 +144,36 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
 
     if not args.real or not args.fake:
         raise UserError("`mage-bench eval fid` needs --real DIR|DATASET and --fake DIR|RUN_DIR")
+    if args.compare_backends:
+        return _compare_backends(args)
     records = evaluate_generation(args.fake, args.real, _eval_settings(args), _generation_flags(args),
                                   cache_dir=args.cache, progress=_progress_enabled(args))
     human = "\n".join(_record_line(r) for r in records)
     human += f"\n({records[0]['n_samples']} generated vs {records[0]['n_real']} real images, " \
              f"{records[0]['backend']}, extractor {records[0]['feature_extractor']})"
     _emit(args, records, human)
+    return 0
+
+
+def _compare_backends(args: argparse.Namespace) -> int:
+    from mage_bench.eval.generation import compare_backends
+
+    if args.backend:
+        raise UserError("--compare-backends runs every backend; drop --backend")
+    flags = _generation_flags(args)
+    if set(flags) - {"fid", "kid"}:
+        raise UserError("--compare-backends compares fid and kid (clean-fid computes no IS or precision/recall); "
+                        "drop --isc/--prc")
+    result = compare_backends(args.fake, args.real, _eval_settings(args), flags, cache_dir=args.cache,
+                              progress=_progress_enabled(args))
+    lines = [f"{name}: " + ", ".join(f"{k} {v:.6g}" for k, v in values.items())
+             for name, values in result["backends"].items()]
+    lines += [f"{key} {pair}: {diff:+.6g}"
+              for key, pairs in result["differences"].items() for pair, diff in pairs.items()]
+    lines.append(f"({result['n_samples']} generated ({result['fake_size']}) vs {result['n_real']} real images "
+                 f"({result['real_size']}), extractor {result['extractor']}; the backends resize to the extractor's "
+                 "input differently, so they agree only on images already at its size)")
+    _emit(args, result, "\n".join(lines))
     return 0
 
 
@@ -268,6 +292,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_protocol_flags(args)
     _check_inpaint_flags(args)
     _check_finetune_flags(args)
+    if args.compare_backends and args.evaluator != "fid":
+        raise UserError("--compare-backends applies to `eval fid` only")
     if args.evaluator == "fid":
         return cmd_eval_fid(args)
     if args.evaluator == "all":
@@ -425,7 +451,7 @@ def _add_eval_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extractor", help="inception-v3 (standard FID/IS) | digits-cnn (default for digits)")
     p.add_argument("--weights", help="extractor weights file (Inception: weights-inception-2015-12-05-6726825d.pth; "
                                      "also $MAGE_BENCH_INCEPTION_WEIGHTS)")
-    p.add_argument("--backend", help=f"torch-fidelity | clean-fid (default {d.backend})")
+    p.add_argument("--backend", help=f"torch-fidelity | clean-fid | clean-fid-legacy (default {d.backend})")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"default {d.device}")
     p.add_argument("--batch-size", type=int,
                    help="images per feature-extraction batch (default: 256 up to 128 px, 64 at 256 px)")
@@ -538,6 +564,9 @@ def _add_eval_parser(sub: Any) -> None:
     p.add_argument("--isc", action="store_true", help="also the Inception Score")
     p.add_argument("--kid", action="store_true", help="also KID")
     p.add_argument("--prc", action="store_true", help="also precision and recall")
+    p.add_argument("--compare-backends", action="store_true",
+                   help="fid: FID (and --kid) of the same images through torch-fidelity, clean-fid and clean-fid's "
+                        "legacy PyTorch mode with the same extractor, and their differences (no record written)")
     _common(p)
     p.set_defaults(func=cmd_eval)
 

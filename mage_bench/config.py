@@ -339,7 +339,7 @@ class EvalConfig:
     real_split: str = "train"  # split of a data set used as the real side
     extractor: str | None = None  # None: digits-cnn for the bundled digits, inception-v3 otherwise
     weights: str | None = None  # the extractor's weights file (else its own default place)
-    backend: str = "torch-fidelity"  # torch-fidelity | clean-fid
+    backend: str = "torch-fidelity"  # torch-fidelity | clean-fid | clean-fid-legacy (mage_bench.eval.fid_backends)
     device: str = "auto"  # auto | cpu | cuda
     # Images per batch through the run's tokenizer and encoder when extracting features; None: sized by
     # the image size (`feature_batch_size`)

@@ -62,7 +62,8 @@ def toy_spec(root: Path, preset: str = "paper", points: int = 1) -> Path:
         tokenizer.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
         torch.save(tokenizer_payload(create_tokenizer("vqgan_mage")), tokenizer / "tokenizer.pt")
-        spec = deep_merge(spec, {"run": {"data": {"name": f"imagefolder:{data}"}}, "tokenizer": {"path": str(tokenizer)}})
+        spec = deep_merge(spec, {"run": {"data": {"name": f"imagefolder:{data}"}},
+                                 "tokenizer": {"path": str(tokenizer)}})
     else:  # cifar10: the sweep trains the preset's tokenizer, on the stand-in folder
         data = write_image_folder(root / "cifar10", {"train": 8, "val": 8}, shape=(32, 32, 3))
         spec = deep_merge(spec, {"run": {"data": {"name": f"imagefolder:{data}"}},

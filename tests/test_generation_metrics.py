@@ -298,3 +298,68 @@ def test_no_inception_weights_and_no_internet_says_where_to_put_them(tmp_path, m
     message = str(info.value)
     assert str(tmp_path / "hub" / "checkpoints" / INCEPTION_FILE) in message and "--weights" in message
     assert "\n" not in message
+
+
+# --------------------------------------------------------------------------------------------
+# --compare-backends: the libraries against each other on the same images and Inception
+
+
+@pytest.fixture(scope="session")
+def inception_size_folders(tmp_path_factory):
+    """Images already at Inception's 299 px: no backend resizes them (6 a side: Inception on CPU is slow)."""
+    root = tmp_path_factory.mktemp("images299")
+    return _folder(root / "a", _smooth_images(6, 299, seed=1)), _folder(root / "b", _smooth_images(6, 299, seed=2))
+
+
+def test_backends_agree_on_images_at_the_extractors_size(inception_size_folders, inception_weights, tmp_path):
+    """torch-fidelity, clean-fid and clean-fid-legacy run the same Inception on 299 px images that none of them
+    resizes: FID within 1e-6 relative and KID within 1e-6 (measured: 5e-8 and 1.4e-7; float rounding of the
+    network's batches). On images of another size they differ by how each resizes to 299 px (TF1-style bilinear
+    on uint8, PIL bicubic on float, torch bilinear): on 32 px images, measured once, torch-fidelity's FID came
+    out 7% above clean-fid's and clean-fid-legacy's 0.7% below it (`fid_backends`)."""
+    from mage_bench.config import EvalConfig
+    from mage_bench.eval.generation import compare_backends
+
+    a, b = inception_size_folders
+    result = compare_backends(a, str(b), EvalConfig(extractor="inception-v3", weights=str(inception_weights)),
+                              ("fid", "kid"), cache_dir=tmp_path)
+    assert set(result["backends"]) == {"torch-fidelity", "clean-fid", "clean-fid-legacy"}
+    fid = result["backends"]["torch-fidelity"]["fid"]
+    assert fid > 0 and result["fake_size"] == result["real_size"] == "299x299"
+    for pair, diff in result["differences"]["fid"].items():
+        assert abs(diff) <= 1e-6 * fid, pair
+    for pair, diff in result["differences"]["kid"].items():
+        assert abs(diff) <= 1e-6, pair
+
+
+def test_compare_backends_on_the_command_line(inception_size_folders, inception_weights, tmp_path, capsys,
+                                             monkeypatch):
+    """The flag's plumbing and its refusals (the comparison itself is the test above: clean-fid's 2048-d matrix
+    square root costs ~10 s a backend on 2 cores, so it is not run twice)."""
+    import json
+
+    import mage_bench.eval.generation as generation
+
+    a, b = inception_size_folders
+    calls = []
+    document = {"backends": {"torch-fidelity": {"fid": 1.5}, "clean-fid": {"fid": 1.25}},
+                "differences": {"fid": {"torch-fidelity - clean-fid": 0.25}}, "extractor": "inception-v3",
+                "standard_extractor": True, "n_samples": 6, "n_real": 6, "fake_size": "299x299",
+                "real_size": "299x299", "dataset": str(b), "split": "folder"}
+    monkeypatch.setattr(generation, "compare_backends", lambda *args, **kwargs: calls.append(args) or document)
+    common = ["eval", "fid", "--real", str(b), "--fake", str(a), "--weights", str(inception_weights),
+              "--cache", str(tmp_path)]
+    assert main([*common, "--compare-backends", "--json", "--kid"]) == 0
+    assert json.loads(capsys.readouterr().out) == document
+    assert calls[0][0] == str(a) and calls[0][1] == str(b) and calls[0][3] == ("fid", "kid")
+    assert main([*common, "--compare-backends"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("torch-fidelity: fid 1.5\nclean-fid: fid 1.25\nfid torch-fidelity - clean-fid: +0.25\n")
+    assert "resize" in out
+    for extra, message in [(["--isc"], "compares fid and kid"), (["--backend", "clean-fid"], "drop --backend")]:
+        assert main([*common, "--compare-backends", *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert main(["eval", "knn", "--run", str(tmp_path), "--compare-backends"]) == 2
+    assert "applies to `eval fid` only" in capsys.readouterr().err
+    assert len(calls) == 2  # the refused ones computed nothing

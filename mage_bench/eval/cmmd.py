@@ -37,6 +37,7 @@ def cmmd(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor, sigma
     x = torch.as_tensor(real).to(torch.float64)
     y = torch.as_tensor(fake).to(torch.float64)
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(x.shape[0], y.shape[0]) < 1:
-        raise ValueError(f"cmmd needs two [N, D] embedding sets of one width, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(f"cmmd needs two [N, D] embedding sets of one width, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
     gamma = 1.0 / (2.0 * sigma**2)
     return scale * (_kernel_mean(x, x, gamma) + _kernel_mean(y, y, gamma) - 2.0 * _kernel_mean(x, y, gamma))

@@ -1,6 +1,11 @@
 """FID backends: the libraries that compute FID/FD, IS, KID and precision/recall from two image folders.
 
-`BACKENDS` is the registry: torch-fidelity (every metric) and clean-fid (FID, KID). `METRICS` declares the
+`BACKENDS` is the registry: torch-fidelity (every metric), clean-fid (FID, KID; its "clean" protocol) and
+clean-fid-legacy (the same in clean-fid's legacy PyTorch mode). How the three resize to Inception's 299 px
+differs, and so their numbers do on images of another size: torch-fidelity resizes uint8 images inside the
+network with TF1-style bilinear interpolation (no half-pixel offset), clean-fid's clean mode with PIL bicubic on
+float images, its legacy mode with torch's bilinear interpolate (half-pixel centres). On 299 px images none of
+them resizes and they agree (tests/test_generation_metrics.py: `--compare-backends`). `METRICS` declares the
 records the `fid` evaluator writes (key, direction, label), `FLAGS` which records each metric flag asks for.
 
 Reference statistics are cached per (reference, resolution, extractor + weights, N): torch-fidelity
@@ -114,7 +119,10 @@ def _torch_fidelity(request: Request) -> dict[str, float]:
     return {names[k]: float(v) for k, v in metrics.items() if k in names}
 
 
-def _clean_fid(request: Request) -> dict[str, float]:
+def _clean_fid(request: Request, mode: str = "clean") -> dict[str, float]:
+    """clean-fid's protocol `mode`: "clean" (PIL bicubic resize of float images to 299 px, no quantisation) or
+    "legacy_pytorch" (torch's bilinear `interpolate`, align_corners=False, as pytorch-fid); an extractor with its
+    own resize (digits-cnn) uses that in either mode."""
     import torch
     from cleanfid import fid as cleanfid
 
@@ -126,10 +134,12 @@ def _clean_fid(request: Request) -> dict[str, float]:
 
     def features(files: tuple[Path, ...], label: str) -> np.ndarray:
         return cleanfid.get_files_features([str(f) for f in files], model=model, num_workers=0, batch_size=64,
-                                           device=device, mode="clean", custom_fn_resize=resize,
+                                           device=device, mode=mode, custom_fn_resize=resize,
                                            description=label, verbose=request.progress)
 
-    reference = request.cache_dir / "clean-fid" / f"{request.reference_key()}.npy"
+    # The clean mode keeps the name it always had; another mode's features differ, so their file does too.
+    prefix = "" if mode == "clean" or resize is not None else f"{mode}-"
+    reference = request.cache_dir / "clean-fid" / f"{prefix}{request.reference_key()}.npy"
     if not reference.is_file():
         real = features(request.real.files, "clean-fid real ")
         with atomic_create(reference) as handle:  # another run publishing first is fine: theirs is kept
@@ -153,6 +163,8 @@ def _clean_fid(request: Request) -> dict[str, float]:
 
 BACKENDS.register("torch-fidelity")(Backend(_torch_fidelity, frozenset(FLAGS)))
 BACKENDS.register("clean-fid")(Backend(_clean_fid, frozenset({"fid", "kid"})))
+BACKENDS.register("clean-fid-legacy")(Backend(lambda request: _clean_fid(request, "legacy_pytorch"),
+                                              frozenset({"fid", "kid"})))
 
 
 def check_backend(name: str, metrics: tuple[str, ...] | frozenset[str]) -> Backend:

@@ -155,6 +155,40 @@ def evaluate_generation(fake: str | Path | Any, real: str, settings: EvalConfig 
     return [r.as_dict() for r in records]
 
 
+def compare_backends(fake: str | Path | Any, real: str, settings: EvalConfig = DEFAULT_EVAL,
+                     flags: tuple[str, ...] = ("fid",), cache_dir: str | Path | None = None,
+                     progress: bool = False) -> dict[str, Any]:
+    """FID (and KID with the "kid" flag) of the same images through every backend that computes them, with the
+    same extractor and weights: {"backends": {name: {metric: value}}, "differences": {metric: {"a - b": ...}}, ...}.
+
+    A check of the libraries against each other, so no record is written. A run's images are generated (or
+    reused) once. Where the numbers differ, the cause is the resize to the extractor's input (`fid_backends`)."""
+    from mage_bench.eval.fid_backends import BACKENDS
+
+    wanted = tuple(dict.fromkeys(flags))
+    names = sorted((name for name in BACKENDS.names() if set(wanted) <= BACKENDS.get(name).metrics),
+                   key=lambda name: name != settings.backend)  # the configured backend first: "it - other"
+    if len(names) < 2:
+        raise UserError(f"only {', '.join(names) or 'no backend'} computes {', '.join(wanted)}: "
+                        "--compare-backends compares fid and kid")
+    plan = plan_generation(fake, real, settings, wanted, cache_dir, progress)
+    fake_set = (generate_run_samples(plan.run, settings.num_samples, plan.device, progress)
+                if plan.run is not None else plan.fake)
+    real_set, dataset, split = real_images(plan, real, fake_set, progress)
+    seed = plan.run.config.seed if plan.run is not None else 0
+    request = Request(fake=fake_set, real=real_set, metrics=frozenset(wanted), extractor=plan.extractor,
+                      weights=plan.weights, device=plan.device, cache_dir=plan.cache, seed=seed, progress=progress)
+    keys = [key for flag in wanted for key in FLAGS[flag]]
+    values = {name: {k: v for k, v in compute_metrics(request, name).items() if k in keys} for name in names}
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    differences = {key: {f"{a} - {b}": values[a][key] - values[b][key] for a, b in pairs} for key in keys}
+    return {"backends": values, "differences": differences, "extractor": plan.extractor.name,
+            "standard_extractor": plan.extractor.standard, "n_samples": fake_set.count, "n_real": real_set.count,
+            "fake_size": f"{fake_set.size[0]}x{fake_set.size[1]}",
+            "real_size": f"{real_set.size[0]}x{real_set.size[1]}",
+            "dataset": dataset, "split": split}
+
+
 def generation_rows(plan: GenerationPlan, request: Request, values: dict[str, float]) -> list[tuple[str, float, dict]]:
     """One row per computed metric, in flag order, with what every generation record says about its inputs."""
     common = {"backend": plan.settings.backend, "n_real": request.real.count,
