@@ -73,12 +73,9 @@ def test_a_second_run_reuses_the_cache_and_training_draws_both_views(tmp_path, f
     assert calls == []  # nothing tokenised again
     assert json.loads((tmp_path / "second" / "launch.json").read_text())["token_cache"]["built_chunks"] == 0
 
-    from mage_bench.train import Trainer, setup_runtime
+    from mage_bench.train import Trainer, resolve_run_config, setup_runtime
 
-    config = _config(folder_layer)
-    from mage_bench.train import resolve_run_config
-
-    config = resolve_run_config(config)
+    config = resolve_run_config(_config(folder_layer))
     stream = Trainer(config, setup_runtime(config)).stream
     seen = torch.cat([stream.next()[0] for _ in range(6)])  # 2 epochs of 3 batches of 4
     views = stream.view_tokens.long()
