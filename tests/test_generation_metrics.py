@@ -363,3 +363,49 @@ def test_compare_backends_on_the_command_line(inception_size_folders, inception_
     assert main(["eval", "knn", "--run", str(tmp_path), "--compare-backends"]) == 2
     assert "applies to `eval fid` only" in capsys.readouterr().err
     assert len(calls) == 2  # the refused ones computed nothing
+
+
+# --------------------------------------------------------------------------------------------
+# Published reference statistics (.npz with mu and sigma) as the real side
+
+
+def test_fid_against_a_statistics_file_equals_fid_against_its_images(image_folders, inception_weights, tmp_path):
+    """Statistics made from folder b's features (torch-fidelity's reader, network and FID layer), saved as an
+    ADM-style .npz: FID of folder a against the file equals torch-fidelity's FID of a against b's images."""
+    from mage_bench.eval.extractors import FID_EXTRACTORS
+    from mage_bench.eval.fid import feature_statistics
+    from mage_bench.eval.statistics import fake_features
+    from mage_bench.io import sha256_file
+
+    a, b = image_folders
+    features = fake_features(tuple(sorted(b.glob("*.png"))), FID_EXTRACTORS.get("inception-v3"), inception_weights,
+                             "cpu", False)
+    mu, sigma = feature_statistics(features)
+    stats = tmp_path / "VIRTUAL_reference.npz"
+    np.savez(stats, mu=mu, sigma=sigma, arr_0=np.zeros((2, 4, 4, 3), np.uint8))  # arr_0: an ADM batch's images
+    common = dict(extractor="inception-v3", weights=str(inception_weights), cache_dir=tmp_path)
+    (from_file,) = evaluate_generation(a, str(stats), **common)
+    (from_images,) = evaluate_generation(a, str(b), **common)
+    # The same features and moments; torch-fidelity takes scipy's sqrtm of the rank-deficient (12 < 2048) product
+    # where we take symmetric eigendecompositions (`eval.fid`): measured 7e-6 apart.
+    assert from_file["value"] == pytest.approx(from_images["value"], rel=1e-4)
+    assert from_file["split"] == "statistics" and from_file["reference_sha256"] == sha256_file(stats)
+    assert from_file["dataset"] == str(stats) and from_file["n_samples"] == 12
+
+
+def test_bad_statistics_files_and_flags_are_one_line_errors(image_folders, inception_weights, tmp_path, capsys):
+    a, _ = image_folders
+    no_sigma = tmp_path / "no-sigma.npz"
+    np.savez(no_sigma, mu=np.zeros(2048))
+    narrow = tmp_path / "narrow.npz"
+    np.savez(narrow, mu=np.zeros(64), sigma=np.eye(64))
+    good = tmp_path / "good.npz"
+    np.savez(good, mu=np.zeros(2048), sigma=np.eye(2048))
+    base = ["eval", "fid", "--fake", str(a), "--weights", str(inception_weights), "--cache", str(tmp_path)]
+    for real, extra, message in [(no_sigma, [], "not `mu` and `sigma`"),
+                                 (narrow, [], "holds 64-d statistics, but inception-v3 gives 2048-d"),
+                                 (good, ["--kid"], "gives FID only"),
+                                 (good, ["--backend", "clean-fid"], "drop --backend")]:
+        assert main([*base, "--real", str(real), *extra]) == 2, real
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

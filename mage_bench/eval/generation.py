@@ -7,8 +7,9 @@ no run or folder, `check_generation_inputs`, is public so a sweep can call it be
 decodes a run's images into RUN/samples (skipping those already there); `evaluate_generation` then
 renders the real side, computes through the backend (`fid_backends`) and builds the records.
 
-`--fake` is a folder or a run folder; `--real` is a folder or a data set (its split written once as
-PNGs into the cache, with the run's own data settings when the fake side is a run).
+`--fake` is a folder or a run folder; `--real` is a folder, a data set (its split written once as
+PNGs into the cache, with the run's own data settings when the fake side is a run) or an .npz statistics file
+(`eval.statistics`: FID against published moments, e.g. an ADM reference batch).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mage_bench.config import DEFAULT_EVAL, DataConfig, EvalConfig
 from mage_bench.errors import UserError
 from mage_bench.eval.fid_backends import FLAGS, METRICS, SPREADS, Request, check_backend, compute_metrics
 from mage_bench.eval.image_sets import DEFAULT_CACHE, ImageSet, dataset_reference, resolve_fake, scan_folder
+from mage_bench.eval.statistics import is_statistics_file
 from mage_bench.results import RecordContext, build_records, config_hash, write_records
 
 EVALUATOR = "fid"  # the records' evaluator, and RUN/eval/fid.json
@@ -45,7 +47,9 @@ def default_extractor(real: str) -> str:
     """digits-cnn for the bundled digits (Inception weights are meaningless on 8x8 digits), else Inception."""
     from mage_bench.data import DatasetSpec
 
-    return "digits-cnn" if not Path(real).is_dir() and DatasetSpec.parse(real).name == "digits" else "inception-v3"
+    if Path(real).is_dir() or is_statistics_file(real):
+        return "inception-v3"
+    return "digits-cnn" if DatasetSpec.parse(real).name == "digits" else "inception-v3"
 
 
 def _checked_flags(settings: EvalConfig, real: str, flags: tuple[str, ...]) -> tuple[tuple[str, ...], Any]:
@@ -59,8 +63,16 @@ def _checked_flags(settings: EvalConfig, real: str, flags: tuple[str, ...]) -> t
     if unknown:
         raise UserError(f"unknown generation metric {sorted(unknown)[0]!r}; use {', '.join(FLAGS)}")
     check_backend(settings.backend, flags)  # typos and unsupported metrics fail before any work
-    if not Path(real).is_dir() and DatasetSpec.parse(real).name not in DATASETS:
-        raise UserError(f"--real {real!r} is neither a folder nor a data set ({', '.join(DATASETS.names())})")
+    if is_statistics_file(real):
+        if flags != ("fid",):
+            raise UserError(f"--real {real} is a statistics file (mu, sigma): it gives FID only; drop "
+                            "--isc/--kid/--prc or give the reference images")
+        if settings.backend != "torch-fidelity":
+            raise UserError(f"--real {real} is a statistics file: the generated images' features come from "
+                            f"torch-fidelity's pipeline, not {settings.backend}; drop --backend")
+    elif not Path(real).is_dir() and DatasetSpec.parse(real).name not in DATASETS:
+        raise UserError(f"--real {real!r} is neither a folder, a data set ({', '.join(DATASETS.names())}) nor an "
+                        ".npz statistics file")
     return flags, FID_EXTRACTORS.get(settings.extractor or default_extractor(real))
 
 
@@ -138,21 +150,43 @@ def evaluate_generation(fake: str | Path | Any, real: str, settings: EvalConfig 
         fake_set = samples or generate_run_samples(plan.run, settings.num_samples, plan.device, progress)
     else:
         fake_set = plan.fake
-    real_set, dataset, split = real_images(plan, real, fake_set, progress)
     seed = plan.run.config.seed if plan.run is not None else seed
+    if is_statistics_file(real):
+        return _records(plan, _statistics_rows(plan, fake_set, Path(real), progress), fake_set, str(real),
+                        "statistics", seed, sweep)
+    real_set, dataset, split = real_images(plan, real, fake_set, progress)
     request = Request(fake=fake_set, real=real_set, metrics=frozenset(plan.flags), extractor=plan.extractor,
                       weights=plan.weights, device=plan.device, cache_dir=plan.cache, seed=seed, progress=progress)
     values = compute_metrics(request, settings.backend)
+    return _records(plan, generation_rows(plan, request, values), fake_set, dataset, split, seed, sweep)
+
+
+def _records(plan: GenerationPlan, rows: list[tuple[str, float, dict]], fake_set: ImageSet, dataset: str, split: str,
+             seed: int, sweep: str | None) -> list[dict[str, Any]]:
+    """The rows as records (written to RUN/eval/fid.json when the fake side is a run)."""
     context = RecordContext(evaluator=EVALUATOR, run=plan.run.path.name if plan.run else fake_set.folder.name,
                             dataset=dataset, split=split, feature_extractor=plan.extractor.name,
                             n_samples=fake_set.count, seed=seed,
                             config_hash=config_hash(plan.run.config) if plan.run else None, sweep=sweep)
-    records = build_records(context, METRICS, generation_rows(plan, request, values))
+    records = build_records(context, METRICS, rows)
     if plan.run is not None:
         from mage_bench.runs import EVAL_DIR
 
         write_records(plan.run.path / EVAL_DIR / f"{EVALUATOR}.json", records)
     return [r.as_dict() for r in records]
+
+
+def _statistics_rows(plan: GenerationPlan, fake_set: ImageSet, statistics: Path,
+                     progress: bool) -> list[tuple[str, float, dict]]:
+    """FID against a statistics file (`eval.statistics`): the record says which file (sha256) and how."""
+    from mage_bench.eval.statistics import fid_against_statistics
+
+    result = fid_against_statistics(fake_set.files, statistics, plan.extractor, plan.weights, plan.device, progress)
+    return [("fid", result["fid"], {"backend": "torch-fidelity features + statistics file",
+                                    "reference": str(statistics.resolve()),
+                                    "reference_sha256": result["reference_sha256"],
+                                    "standard_extractor": plan.extractor.standard,
+                                    "fake_size": f"{fake_set.size[0]}x{fake_set.size[1]}"})]
 
 
 def compare_backends(fake: str | Path | Any, real: str, settings: EvalConfig = DEFAULT_EVAL,
