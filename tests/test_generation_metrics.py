@@ -409,3 +409,5 @@ def test_bad_statistics_files_and_flags_are_one_line_errors(image_folders, incep
         assert main([*base, "--real", str(real), *extra]) == 2, real
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+    assert main([*base, "--real", str(good), "--compare-backends"]) == 2
+    assert "give the reference folder" in capsys.readouterr().err

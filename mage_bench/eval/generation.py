@@ -23,7 +23,7 @@ from mage_bench.config import DEFAULT_EVAL, DataConfig, EvalConfig
 from mage_bench.errors import UserError
 from mage_bench.eval.fid_backends import FLAGS, METRICS, SPREADS, Request, check_backend, compute_metrics
 from mage_bench.eval.image_sets import DEFAULT_CACHE, ImageSet, dataset_reference, resolve_fake, scan_folder
-from mage_bench.eval.statistics import is_statistics_file
+from mage_bench.eval.statistics import is_statistics_file, load_statistics
 from mage_bench.results import RecordContext, build_records, config_hash, write_records
 
 EVALUATOR = "fid"  # the records' evaluator, and RUN/eval/fid.json
@@ -64,6 +64,7 @@ def _checked_flags(settings: EvalConfig, real: str, flags: tuple[str, ...]) -> t
         raise UserError(f"unknown generation metric {sorted(unknown)[0]!r}; use {', '.join(FLAGS)}")
     check_backend(settings.backend, flags)  # typos and unsupported metrics fail before any work
     if is_statistics_file(real):
+        load_statistics(real)  # its keys and shapes, before any image is generated or read
         if flags != ("fid",):
             raise UserError(f"--real {real} is a statistics file (mu, sigma): it gives FID only; drop "
                             "--isc/--kid/--prc or give the reference images")
@@ -200,6 +201,9 @@ def compare_backends(fake: str | Path | Any, real: str, settings: EvalConfig = D
     from mage_bench.eval.fid_backends import BACKENDS
 
     wanted = tuple(dict.fromkeys(flags))
+    if is_statistics_file(real):
+        raise UserError("--compare-backends runs each library on reference images; a statistics file is read by "
+                        "mage-bench alone: give the reference folder or data set")
     names = sorted((name for name in BACKENDS.names() if set(wanted) <= BACKENDS.get(name).metrics),
                    key=lambda name: name != settings.backend)  # the configured backend first: "it - other"
     if len(names) < 2:
