@@ -25,6 +25,13 @@ def check_features(name: str, x: np.ndarray, labels: np.ndarray | None = None, m
     return x.astype(np.float64, copy=False)
 
 
+def row_blocks(rows: int, columns: int, elements: int) -> list[slice]:
+    """Slices of `rows` rows such that a block of rows x `columns` pairwise values holds at most `elements`
+    (at least one row a block): how PRDC and CMMD bound their memory on 50k x 50k sets."""
+    step = max(1, elements // max(columns, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
 def top1_top5(scores: np.ndarray, labels: np.ndarray, classes: np.ndarray | None = None) -> tuple[float, float]:
     """Accuracy of the highest score and of the five highest, per row of `scores` [N, C].
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mage_bench.eval import row_blocks
+
 SIGMA = 10.0
 SCALE = 1000.0
 BLOCK_ELEMENTS = 2**25  # float64 kernel entries per block: 256 MB
@@ -21,10 +23,9 @@ BLOCK_ELEMENTS = 2**25  # float64 kernel entries per block: 256 MB
 def _kernel_mean(x: torch.Tensor, y: torch.Tensor, gamma: float) -> float:
     """Mean of exp(-gamma ||x_i - y_j||^2) over every (i, j)."""
     total = 0.0
-    step = max(1, BLOCK_ELEMENTS // y.shape[0])
     y_norms = (y * y).sum(dim=1)
-    for start in range(0, x.shape[0], step):
-        block = x[start:start + step]
+    for rows in row_blocks(x.shape[0], y.shape[0], BLOCK_ELEMENTS):
+        block = x[rows]
         # ||x||^2 - 2 x.y + ||y||^2, as the published code expands it (not clamped: the same numbers).
         squared = (block * block).sum(dim=1)[:, None] - 2 * block @ y.T + y_norms[None, :]
         total += torch.exp(-gamma * squared).sum().item()

@@ -636,7 +636,8 @@ class FinetuneSteps:
             self.loss_sum = value if self.loss_sum is None else self.loss_sum + value
         if cfg.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad, foreach=True)  # bitwise the same as per tensor, fewer ops on the CPU
+            # foreach: bitwise the same as per tensor, fewer ops on the CPU
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad, foreach=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.window += 1

@@ -41,6 +41,7 @@ class GenerationPlan:
     cache: Path
     run: Any | None  # a LoadedRun when the fake side is a run
     fake: ImageSet | None  # the fake folder (None for a run: its samples come later)
+    statistics: tuple[Any, Any] | None = None  # (mu, sigma) when the real side is an .npz statistics file
 
 
 def default_extractor(real: str) -> str:
@@ -64,7 +65,6 @@ def _checked_flags(settings: EvalConfig, real: str, flags: tuple[str, ...]) -> t
         raise UserError(f"unknown generation metric {sorted(unknown)[0]!r}; use {', '.join(FLAGS)}")
     check_backend(settings.backend, flags)  # typos and unsupported metrics fail before any work
     if is_statistics_file(real):
-        load_statistics(real)  # its keys and shapes, before any image is generated or read
         if flags != ("fid",):
             raise UserError(f"--real {real} is a statistics file (mu, sigma): it gives FID only; drop "
                             "--isc/--kid/--prc or give the reference images")
@@ -97,6 +97,7 @@ def plan_generation(fake: str | Path | Any, real: str, settings: EvalConfig, fla
     from mage_bench.runs import CHECKPOINT_FILE, LoadedRun, load_run, resolve_device
 
     flags, extractor = _checked_flags(settings, real, flags)
+    statistics = load_statistics(real) if is_statistics_file(real) else None  # read once, before any image
     device = resolve_device(settings.device)
     run = fake if isinstance(fake, LoadedRun) else None
     if run is None and (Path(fake) / CHECKPOINT_FILE).is_file():
@@ -107,7 +108,19 @@ def plan_generation(fake: str | Path | Any, real: str, settings: EvalConfig, fla
     # Then the weights, before any generation (`eval fid` downloads the Inception weights when missing).
     weights = check_generation_inputs(settings, real, flags, progress, allow_download=True)
     return GenerationPlan(flags, settings, extractor, weights, device,
-                          Path(cache_dir) if cache_dir else DEFAULT_CACHE, run, fake_set)
+                          Path(cache_dir) if cache_dir else DEFAULT_CACHE, run, fake_set, statistics)
+
+
+def _fake_images(plan: GenerationPlan, progress: bool, samples: ImageSet | None = None) -> ImageSet:
+    """The generated side: the folder, or the run's `num_samples` images (`samples` when given already)."""
+    if plan.run is None:
+        return plan.fake
+    return samples or generate_run_samples(plan.run, plan.settings.num_samples, plan.device, progress)
+
+
+def _request(plan: GenerationPlan, fake_set: ImageSet, real_set: ImageSet, seed: int, progress: bool) -> Request:
+    return Request(fake=fake_set, real=real_set, metrics=frozenset(plan.flags), extractor=plan.extractor,
+                   weights=plan.weights, device=plan.device, cache_dir=plan.cache, seed=seed, progress=progress)
 
 
 def generate_run_samples(run: Any, num: int, device: str, progress: bool = False) -> ImageSet:
@@ -147,17 +160,13 @@ def evaluate_generation(fake: str | Path | Any, real: str, settings: EvalConfig 
     records are also written to RUN/eval/fid.json. Returns the records.
     """
     plan = plan_generation(fake, real, settings, flags, cache_dir, progress)
-    if plan.run is not None:
-        fake_set = samples or generate_run_samples(plan.run, settings.num_samples, plan.device, progress)
-    else:
-        fake_set = plan.fake
+    fake_set = _fake_images(plan, progress, samples)
     seed = plan.run.config.seed if plan.run is not None else seed
-    if is_statistics_file(real):
+    if plan.statistics is not None:
         return _records(plan, _statistics_rows(plan, fake_set, Path(real), progress), fake_set, str(real),
                         "statistics", seed, sweep)
     real_set, dataset, split = real_images(plan, real, fake_set, progress)
-    request = Request(fake=fake_set, real=real_set, metrics=frozenset(plan.flags), extractor=plan.extractor,
-                      weights=plan.weights, device=plan.device, cache_dir=plan.cache, seed=seed, progress=progress)
+    request = _request(plan, fake_set, real_set, seed, progress)
     values = compute_metrics(request, settings.backend)
     return _records(plan, generation_rows(plan, request, values), fake_set, dataset, split, seed, sweep)
 
@@ -182,7 +191,8 @@ def _statistics_rows(plan: GenerationPlan, fake_set: ImageSet, statistics: Path,
     """FID against a statistics file (`eval.statistics`): the record says which file (sha256) and how."""
     from mage_bench.eval.statistics import fid_against_statistics
 
-    result = fid_against_statistics(fake_set.files, statistics, plan.extractor, plan.weights, plan.device, progress)
+    result = fid_against_statistics(fake_set.files, statistics, plan.statistics, plan.extractor, plan.weights,
+                                    plan.device, progress)
     return [("fid", result["fid"], {"backend": "torch-fidelity features + statistics file",
                                     "reference": str(statistics.resolve()),
                                     "reference_sha256": result["reference_sha256"],
@@ -210,12 +220,9 @@ def compare_backends(fake: str | Path | Any, real: str, settings: EvalConfig = D
         raise UserError(f"only {', '.join(names) or 'no backend'} computes {', '.join(wanted)}: "
                         "--compare-backends compares fid and kid")
     plan = plan_generation(fake, real, settings, wanted, cache_dir, progress)
-    fake_set = (generate_run_samples(plan.run, settings.num_samples, plan.device, progress)
-                if plan.run is not None else plan.fake)
+    fake_set = _fake_images(plan, progress)
     real_set, dataset, split = real_images(plan, real, fake_set, progress)
-    seed = plan.run.config.seed if plan.run is not None else 0
-    request = Request(fake=fake_set, real=real_set, metrics=frozenset(wanted), extractor=plan.extractor,
-                      weights=plan.weights, device=plan.device, cache_dir=plan.cache, seed=seed, progress=progress)
+    request = _request(plan, fake_set, real_set, plan.run.config.seed if plan.run is not None else 0, progress)
     keys = [key for flag in wanted for key in FLAGS[flag]]
     values = {name: {k: v for k, v in compute_metrics(request, name).items() if k in keys} for name in names}
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]

@@ -20,6 +20,8 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from mage_bench.eval import row_blocks
+
 # Elements of one block of distances (float64): 2**25 is 256 MB.
 BLOCK_ELEMENTS = 2**25
 
@@ -31,12 +33,6 @@ def _as_tensor(features: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _blocks(rows: int, columns: int) -> Iterable[slice]:
-    step = max(1, BLOCK_ELEMENTS // max(columns, 1))
-    for start in range(0, rows, step):
-        yield slice(start, min(start + step, rows))
-
-
 def nearest_neighbour_radii(features: torch.Tensor, ks: Iterable[int]) -> dict[int, torch.Tensor]:
     """{k: float64[N]}, each sample's distance to its k-th nearest other sample of the same set."""
     ks = sorted(set(ks))
@@ -44,7 +40,7 @@ def nearest_neighbour_radii(features: torch.Tensor, ks: Iterable[int]) -> dict[i
     if ks[0] < 1 or ks[-1] >= n:
         raise ValueError(f"nearest_k must be in [1, {n - 1}] for {n} samples, got {ks}")
     radii = {k: torch.empty(n, dtype=torch.float64) for k in ks}
-    for rows in _blocks(n, n):
+    for rows in row_blocks(n, n, BLOCK_ELEMENTS):
         # k + 1 smallest: the sample itself is its own nearest neighbour, at distance 0.
         smallest = torch.cdist(features[rows], features).topk(ks[-1] + 1, dim=1, largest=False).values
         for k in ks:
@@ -65,7 +61,7 @@ def prdc_at(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor,
     in_balls = {k: torch.zeros(m, dtype=torch.float64) for k in ks}  # per generated sample: real balls around it
     recalled = {k: [] for k in ks}  # per real sample: inside a generated ball
     covered = {k: [] for k in ks}  # per real sample: its ball holds a generated sample
-    for rows in _blocks(real_x.shape[0], m):
+    for rows in row_blocks(real_x.shape[0], m, BLOCK_ELEMENTS):
         distances = torch.cdist(real_x[rows], fake_x)  # [rows, M]
         nearest_fake = distances.min(dim=1).values
         for k in ks:

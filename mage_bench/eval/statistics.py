@@ -63,13 +63,14 @@ def fake_features(files: tuple[Path, ...], extractor: Any, weights: Path, device
     return features[layer].numpy().astype(np.float64)
 
 
-def fid_against_statistics(fake_files: tuple[Path, ...], statistics: Path, extractor: Any, weights: Path,
-                           device: str, progress: bool = False) -> dict[str, Any]:
-    """{"fid", "reference_sha256", "feature_dim"}: FID of the images against the file's moments."""
+def fid_against_statistics(fake_files: tuple[Path, ...], statistics: Path, reference: tuple[np.ndarray, np.ndarray],
+                           extractor: Any, weights: Path, device: str, progress: bool = False) -> dict[str, Any]:
+    """{"fid", "reference_sha256", "feature_dim"}: FID of the images against `reference`, the (mu, sigma) that
+    `load_statistics` read from the file `statistics`."""
     from mage_bench.eval.fid import feature_statistics, frechet_from_statistics
     from mage_bench.io import sha256_file
 
-    mu_ref, sigma_ref = load_statistics(statistics)
+    mu_ref, sigma_ref = reference
     mu, sigma = feature_statistics(fake_features(fake_files, extractor, weights, device, progress))
     if mu.shape != mu_ref.shape:
         raise UserError(f"{statistics} holds {mu_ref.shape[0]}-d statistics, but {extractor.name} gives "

@@ -275,7 +275,8 @@ class TokenizerSteps:
             raise TrainingDiverged(f"non-finite tokenizer loss at step {step}")
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip, foreach=True)  # bitwise the same as per tensor, fewer ops on the CPU
+        # foreach: bitwise the same as per tensor, fewer ops on the CPU
+        nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip, foreach=True)
         self.optimizer.step()
         if use_gan:
             self._discriminator_step(x, recon)
