@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mage_bench.errors import UserError
+from mage_bench.eval import foundation_extractors
 from mage_bench.registry import Registry
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -42,6 +43,9 @@ class FidExtractor:
     resolve_weights: Callable[..., Path]
     cleanfid_model: Callable[[Path, str], Callable]  # (weights, device) -> float [B,3,S,S] in [0,255] -> [B,D]
     cleanfid_resize: Callable[[], Callable | None]  # None: clean-fid's own resize (to 299 px)
+    # True when the network ends in a classifier whose softmax IS may be taken from (Inception, digits-cnn);
+    # embedding networks (CLIP, DINOv2) give no IS.
+    classifier: bool = True
 
 
 FID_EXTRACTORS: Registry[FidExtractor] = Registry("feature extractor")
@@ -294,14 +298,19 @@ FID_EXTRACTORS.register("digits-cnn")(FidExtractor(
     resolve_weights=resolve_digits_cnn_weights, cleanfid_model=_digits_cnn_cleanfid_model,
     cleanfid_resize=_digits_cnn_cleanfid_resize))
 
+# clip-vit-l-14-336px (CMMD) and dinov2-vit-l-14 (dgm-eval): foundation_extractors.py
+for _fields in foundation_extractors.FOUNDATION_EXTRACTORS:
+    FID_EXTRACTORS.register(_fields["name"])(FidExtractor(**_fields))
+
 
 def register_with_torch_fidelity() -> None:
-    """Make `digits-cnn` a torch-fidelity feature extractor (idempotent)."""
+    """Make `digits-cnn` and our DINOv2 torch-fidelity feature extractors (idempotent)."""
     import torch
     import torch_fidelity
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+    foundation_extractors.register_foundation_with_torch_fidelity()
     if "digits-cnn" in FEATURE_EXTRACTORS_REGISTRY:
         return
 
