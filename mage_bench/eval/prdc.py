@@ -48,9 +48,13 @@ def nearest_neighbour_radii(features: torch.Tensor, ks: Iterable[int]) -> dict[i
     return radii
 
 
-def prdc_at(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor,
-            ks: Iterable[int]) -> dict[int, dict[str, float]]:
-    """{k: {"precision", "recall", "density", "coverage"}} for each nearest-neighbour count k."""
+def prdc_per_sample(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor,
+                    ks: Iterable[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """{k: per-sample terms}: "precision" bool [M] (generated sample inside some real ball), "density" float64 [M]
+    (real balls around it, / k), "recall" bool [N] (real sample inside some generated ball), "coverage" bool [N]
+    (its ball holds a generated sample). Each metric is the mean of its terms (`prdc_at`); with the balls held
+    fixed, resampling the terms gives sample-level bootstrap intervals without re-deriving radii from resampled
+    sets (duplicates would shrink the k-NN radii)."""
     real_x, fake_x = _as_tensor(real), _as_tensor(fake)
     if real_x.shape[1] != fake_x.shape[1]:
         raise ValueError(f"real and generated features differ in width: {real_x.shape[1]} vs {fake_x.shape[1]}")
@@ -70,10 +74,16 @@ def prdc_at(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor,
             in_balls[k] += inside.sum(dim=0, dtype=torch.float64)
             recalled[k].append((distances < fake_radii[k][None, :]).any(dim=1))
             covered[k].append(nearest_fake < real_radii[k][rows])
-    return {k: {"precision": precise[k].double().mean().item(),
-                "recall": torch.cat(recalled[k]).double().mean().item(),
-                "density": (in_balls[k] / k).mean().item(),
-                "coverage": torch.cat(covered[k]).double().mean().item()} for k in ks}
+    return {k: {"precision": precise[k], "density": in_balls[k] / k, "recall": torch.cat(recalled[k]),
+                "coverage": torch.cat(covered[k])} for k in ks}
+
+
+def prdc_at(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor,
+            ks: Iterable[int]) -> dict[int, dict[str, float]]:
+    """{k: {"precision", "recall", "density", "coverage"}} for each nearest-neighbour count k."""
+    terms = prdc_per_sample(real, fake, ks)
+    return {k: {name: terms[k][name].double().mean().item() for name in ("precision", "recall", "density",
+                                                                         "coverage")} for k in terms}
 
 
 def prdc(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor, nearest_k: int = 5) -> dict[str, float]:
