@@ -109,7 +109,7 @@ def _generation_flags(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 # EvalConfig fields that are flags of `mage-bench eval` (the same name with dashes)
-EVAL_SETTING_FLAGS = ("num_samples", "real_split", "extractor", "weights", "backend", "device", "layers", "pooling",
+EVAL_SETTING_FLAGS = ("profile", "num_samples", "real_split", "extractor", "weights", "backend", "device", "layers", "pooling",
                       "knn_ks",
                       "knn_temperature", "fewshot_shots", "fewshot_draws", "probe_epochs", "probe_batch_size",
                       "probe_blr", "batch_size", "inpaint", "inpaint_images", "inpaint_steps", "inpaint_temperature",
@@ -136,12 +136,79 @@ def _record_line(r: dict[str, Any]) -> str:
     if "layer" in r and (r["layer"], r["pooling"]) != (r["depth"] - 1, "mean"):  # not the official feature
         details += f" layer={r['layer']} pooling={r['pooling']}"
     spread = f" +- {r['std']:.4f}" if r.get("std") is not None and r["evaluator"] == GENERATION else ""
+    if r.get("ci_low") is not None:
+        spread += f" [95% CI {r['ci_low']:.4f}, {r['ci_high']:.4f}]"
     return f"{r['evaluator']}: {label}{details}: {r['value']:.4f}{spread}"
+
+
+# Flags a profile pins (so they would be ignored or contradict it under --profile)
+PROFILE_PINNED_FLAGS = (("--num-samples", "num_samples"), ("--real-split", "real_split"), ("--extractor", "extractor"),
+                        ("--backend", "backend"), ("--isc", "isc"), ("--kid", "kid"), ("--prc", "prc"),
+                        ("--compare-backends", "compare_backends"))
+
+
+def _check_profile_flags(args: argparse.Namespace) -> None:
+    if not args.profile:
+        return
+    if args.evaluator not in ("fid", "all"):
+        raise UserError(f"--profile applies to `eval fid` and `eval all`, not `eval {args.evaluator}`")
+    pinned = [flag for flag, name in PROFILE_PINNED_FLAGS if getattr(args, name)]
+    if pinned:
+        raise UserError(f"{pinned[0]} is pinned by --profile {args.profile} (its extractor, backend, sample counts "
+                        "and metrics); drop it, or write a profile of your own (`mage-bench eval profiles`)")
+
+
+def _profile_fid(args: argparse.Namespace) -> int:
+    from mage_bench.eval.profile_eval import evaluate_profile
+
+    if not args.fake:
+        raise UserError(f"`mage-bench eval fid --profile {args.profile}` needs --fake DIR|RUN_DIR")
+    records = evaluate_profile(args.fake, args.real, args.profile, weights=args.weights, device=args.device or "auto",
+                               cache_dir=args.cache, progress=_progress_enabled(args))
+    first = records[0]
+    lines = [_record_line(r) for r in records]
+    lines.append(f"(profile {first['profile']} {first['profile_hash']}: {first['n_samples']} generated vs "
+                 f"{first['n_real'] if first['n_real'] is not None else 'statistics of the'} real images, "
+                 f"extractor {first['feature_extractor']}"
+                 + (f", 95% bootstrap intervals over {first['bootstrap']} resamples" if first.get("bootstrap") else "")
+                 + ")")
+    _emit(args, records, "\n".join(lines))
+    return 0
+
+
+def cmd_eval_profiles(args: argparse.Namespace) -> int:
+    from mage_bench.eval.profiles import all_profiles
+
+    found = all_profiles()
+    lines = []
+    for profile, source in found:
+        pins = profile.describe()
+        what = (f"{pins['extractor']}, {', '.join(pins['metrics'])}; {pins['num_samples'] or 'all'} samples vs "
+                f"{pins['reference']}" + (f" {pins['reference_data']}" if pins["reference_data"] else "")
+                + (f" ({pins['reference_preparation']})" if pins["reference_preparation"] else ""))
+        lines.append(f"{profile.name} v{profile.version} [{profile.hash}] ({source}): {profile.description}\n    {what}")
+    _emit(args, [{**profile.describe(), "source": source} for profile, source in found], "\n".join(lines))
+    return 0
+
+
+def cmd_eval_stats(args: argparse.Namespace) -> int:
+    from mage_bench.eval.reference_stats import write_statistics
+
+    if not args.real or not args.out:
+        raise UserError("`mage-bench eval stats` needs --real DIR|DATASET and --out FILE.npz")
+    summary = write_statistics(args.real, args.out, extractor=args.extractor, weights=args.weights,
+                               device=args.device or "auto", image_size=args.image_size, split=args.real_split,
+                               cache_dir=args.cache, progress=_progress_enabled(args))
+    _emit(args, summary, f"{args.out}: mu, sigma and the {summary['count']} images' {summary['feature_dim']}-d "
+                         f"{summary['extractor']} activations (sha256 {summary['sha256'][:16]})")
+    return 0
 
 
 def cmd_eval_fid(args: argparse.Namespace) -> int:
     from mage_bench.eval.generation import evaluate_generation
 
+    if args.profile:
+        return _profile_fid(args)
     if not args.real or not args.fake:
         raise UserError("`mage-bench eval fid` needs --real DIR|DATASET and --fake DIR|RUN_DIR")
     if args.compare_backends:
@@ -183,7 +250,7 @@ def cmd_eval_all(args: argparse.Namespace) -> int:
     if not args.run:
         raise UserError("`mage-bench eval all` needs --run RUN_DIR")
     written = evaluate_all(args.run, _eval_settings(args), data_name=args.data,
-                           flags=_generation_flags(args) + ("isc", "kid"), cache_dir=args.cache,
+                           flags=() if args.profile else _generation_flags(args) + ("isc", "kid"), cache_dir=args.cache,
                            progress=_progress_enabled(args), resume=args.resume)
     lines = [_record_line(r) for records in written.values() for r in records]
     _emit(args, written, "\n".join(lines) + f"\nrecords: {args.run}/eval/{{{','.join(written)}}}.json")
@@ -288,6 +355,13 @@ def _check_feature_flags(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.evaluator == "profiles":
+        return cmd_eval_profiles(args)
+    if args.evaluator == "stats":
+        return cmd_eval_stats(args)
+    if args.out or args.image_size:
+        raise UserError(f"--{'out' if args.out else 'image-size'} applies to `eval stats` only")
+    _check_profile_flags(args)
     _check_feature_flags(args)
     _check_protocol_flags(args)
     _check_inpaint_flags(args)
@@ -531,9 +605,16 @@ def _add_eval_parser(sub: Any) -> None:
                     "masked reconstruction (inpaint: --run --masks), or all at once (all: --run).",
         epilog="examples:\n  mage-bench eval fid --real digits --fake runs/demo --num-samples 1000 --isc --kid\n"
                "  mage-bench eval fid --real imagenet_val_png/ --fake samples/ --weights "
-               "weights-inception-2015-12-05-6726825d.pth\n  mage-bench eval all --run runs/demo",
+               "weights-inception-2015-12-05-6726825d.pth\n  mage-bench eval all --run runs/demo\n"
+               "  mage-bench eval fid --profile digits --fake runs/demo\n  mage-bench eval profiles",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("evaluator", choices=["fid", "linear", "fewshot", "knn", "inpaint", "finetune", "all"])
+    p.add_argument("evaluator", choices=["fid", "linear", "fewshot", "knn", "inpaint", "finetune", "all", "profiles",
+                                         "stats"])
+    p.add_argument("--profile", metavar="NAME|FILE.yaml",
+                   help="fid, all: an evaluation profile pinning the whole generation protocol (extractor and "
+                        "weights, reference, sample counts, format, decoding, metrics); `eval profiles` lists them")
+    p.add_argument("--out", help="stats: the .npz to write (mu, sigma, activations)")
+    p.add_argument("--image-size", type=int, help="stats: pixel size of a --real data set's images (default: the data config's, 16)")
     p.add_argument("--run", help="run folder (linear, fewshot, knn, inpaint, finetune, all)")
     p.add_argument("--data", help="data set for the representation evaluators (default: the run's)")
     p.add_argument("--real", help="fid: reference images, a folder or a data set (digits, imagefolder:PATH, ...)")

@@ -336,6 +336,10 @@ class EvalConfig:
     uses them as keys, and the evaluation runner reads nothing else."""
 
     # Generation metrics (FID/IS/KID/PR)
+    # An evaluation profile (`mage_bench.eval.profiles`: mage-paper, adm, dgm-eval, cmmd, digits, or a user
+    # profile's name or YAML file) pins the whole generation protocol; then num_samples, real_split, extractor
+    # and backend stay unset (the profile decides them) and the metrics are the profile's.
+    profile: str | None = None
     num_samples: int | None = None  # images generated per run; None: as many as the reference split holds
     real_split: str = "train"  # split of a data set used as the real side
     extractor: str | None = None  # None: digits-cnn for the bundled digits, inception-v3 otherwise
@@ -379,6 +383,11 @@ class EvalConfig:
     references: bool = True
 
     def validate(self, path: str) -> None:
+        if self.profile is not None:  # the name itself is checked where it is used (`eval.runner.profile_for_runs`)
+            pinned = [name for name, default in (("num_samples", None), ("real_split", "train"), ("extractor", None),
+                                                 ("backend", "torch-fidelity")) if getattr(self, name) != default]
+            require(not pinned, f"{path}.{pinned[0] if pinned else ''} is pinned by {path}.profile "
+                                f"({self.profile}); drop it or use a profile that sets it")
         require(self.num_samples is None or self.num_samples >= 2, f"{path}.num_samples must be >= 2")
         require(self.real_split in REAL_SPLITS, f"{path}.real_split must be train or test, not {self.real_split!r}")
         require(self.device in EVAL_DEVICES, f"{path}.device must be auto, cpu or cuda, not {self.device!r}")

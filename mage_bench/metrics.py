@@ -20,13 +20,19 @@ class Metric:
     # Generation metrics are only "FID"/"IS"/"KID" with the standard Inception weights; computed with any
     # other extractor they are named `nonstandard_label (extractor; not Inception)`, e.g. "FD (digits-cnn; ...)".
     nonstandard_label: str | None = None
+    # The extractors this metric is defined on when they are not the Inception ones (CMMD: CLIP ViT-L/14-336);
+    # None: `standard` as the caller says (Inception).
+    standard_extractors: frozenset[str] | None = None
 
     def display(self, extractors: set[str] | frozenset[str] = frozenset(), standard: bool = True,
                 qualifier: str = "") -> str:
         """The label, naming the feature extractor(s) when the standard one was not used."""
         label = self.label
+        if self.standard_extractors is not None:
+            standard = bool(extractors) and set(extractors) <= self.standard_extractors
         if self.nonstandard_label is not None and not standard:
-            label = f"{self.nonstandard_label} ({', '.join(sorted(extractors))}; not Inception)"
+            reference = "not CLIP ViT-L/14-336" if self.standard_extractors else "not Inception"
+            label = f"{self.nonstandard_label} ({', '.join(sorted(extractors))}; {reference})"
         return f"{label} ({qualifier})" if qualifier else label
 
 

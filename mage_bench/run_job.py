@@ -79,6 +79,22 @@ def check_evaluation_inputs(settings: Any, reals: Iterable[str], dry_run: bool =
     from mage_bench.eval.generation import check_generation_inputs, default_extractor
 
     weights = []
+    if settings.profile is not None:  # the profile's extractor weights, checked against its pinned sha256
+        from mage_bench.eval.profile_eval import check_profile_inputs
+        from mage_bench.eval.runner import profile_for_runs
+
+        profile = profile_for_runs(settings.profile)
+        for real in dict.fromkeys(reals):
+            if dry_run and profile.extractor == "digits-cnn" and not settings.weights and not (
+                    DIGITS_CNN_DIR / DIGITS_CNN_FILE).is_file():
+                weights.append(f"{DIGITS_CNN_DIR / DIGITS_CNN_FILE} (digits-cnn: trained there on first use)")
+                continue
+            try:
+                weights.append(str(check_profile_inputs(profile, real, settings.weights, fake_is_run=True,
+                                                        allow_download=not dry_run)[1]))
+            except UserError as exc:
+                raise UserError(f"{exc} (in a sweep spec: eval.profile and eval.weights)") from None
+        return list(dict.fromkeys(weights))
     for real in dict.fromkeys(reals):
         default_digits_cnn = (settings.extractor or default_extractor(real)) == "digits-cnn" and not settings.weights
         if dry_run and default_digits_cnn and not (DIGITS_CNN_DIR / DIGITS_CNN_FILE).is_file():
@@ -256,9 +272,16 @@ def evaluate_run_folder(run_dir: Path, settings: Any, sweep: str, cache: Path, d
     from mage_bench.runs import load_run
 
     run = load_run(run_dir, device)
-    settings = dataclasses.replace(settings, device=device, num_samples=num_samples_for(run, settings))
     tic = time.perf_counter()
-    samples = generate_run_samples(run, settings.num_samples, device, progress)
+    if settings.profile is not None:  # the profile's count and decoding settings, into its samples folder
+        from mage_bench.eval.profile_eval import generate_for_profile
+
+        settings = dataclasses.replace(settings, device=device)
+        generate_for_profile(run, settings.profile, run.config.data.name, cache, device, progress)
+        samples = None
+    else:
+        settings = dataclasses.replace(settings, device=device, num_samples=num_samples_for(run, settings))
+        samples = generate_run_samples(run, settings.num_samples, device, progress)
     generated = time.perf_counter()
     evaluate_all(run, settings, flags=GENERATION_FLAGS, cache_dir=cache, progress=progress, sweep=sweep,
                  samples=samples, resume=True)

@@ -114,6 +114,21 @@ def compute_references(ctx: SweepContext, plans: list[RunPlan]) -> None:
     if not raw_file.is_file():
         write_raw_pixel_records(raw_file, first, settings, spec.name)
     real_file = folder / "real-heldout.json"
+    if not real_file.is_file() and spec.eval.profile is not None:
+        # The floor under the profile: its metrics of the held-out split's images against its reference.
+        from mage_bench.eval.image_sets import dataset_reference
+        from mage_bench.eval.profile_eval import evaluate_profile
+        from mage_bench.eval.runner import profile_for_runs
+
+        profile = profile_for_runs(spec.eval.profile)
+        other = "test" if profile.real_split == "train" else "train"
+        heldout = dataset_reference(first.data, other, ctx.cache, ctx.progress)
+        records = []  # a profile pinning another sample count has no held-out floor: its count would differ
+        if profile.num_samples in (None, heldout.count):
+            records = evaluate_profile(heldout.folder, first.data.name, profile, weights=settings.weights,
+                                       device=settings.device, cache_dir=ctx.cache, progress=ctx.progress,
+                                       sweep=spec.name)
+        atomic_write_json(real_file, [{**r, "run": REAL_HELDOUT_RUN.format(split=other)} for r in records])
     if not real_file.is_file():
         # The floor of the generation metrics: real images the model never saw, against the reference.
         from mage_bench.eval.generation import evaluate_generation

@@ -49,7 +49,12 @@ ISC_SPLITS = 10  # torch-fidelity's default, pinned: IS is the mean (and std) ov
 METRICS = (Metric("fid", False, "FID", nonstandard_label="FD"), Metric("is", True, "IS", nonstandard_label="IS"),
            Metric("kid", False, "KID", nonstandard_label="KD"),
            Metric("precision", True, "precision", nonstandard_label="precision"),
-           Metric("recall", True, "recall", nonstandard_label="recall"))
+           Metric("recall", True, "recall", nonstandard_label="recall"),
+           # Evaluation profiles only (`profile_eval`): Naeem et al.'s density/coverage and CMMD
+           Metric("density", True, "density", nonstandard_label="density"),
+           Metric("coverage", True, "coverage", nonstandard_label="coverage"),
+           Metric("cmmd", False, "CMMD", nonstandard_label="MMD",
+                  standard_extractors=frozenset({"clip-vit-l-14-336px"})))
 SPREADS = {"is": "is_std", "kid": "kid_std"}  # a record's `std`: the backend's key of its spread
 
 

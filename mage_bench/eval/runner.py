@@ -240,28 +240,24 @@ def evaluate_all(run_dir: str | Path | Any, settings: EvalConfig = DEFAULT_EVAL,
     """
     import dataclasses
 
-    from mage_bench.eval import generation
-    from mage_bench.results import config_hash, read_records
     from mage_bench.runs import LoadedRun, load_run, resolve_device
 
+    if settings.profile is not None:  # a profile `eval all` cannot follow fails before any work
+        profile_for_runs(settings.profile)
     if settings.finetune:  # its refusals before the other evaluators' work, not after
         from mage_bench.eval.finetune import preflight
 
         preflight(run_dir.path if isinstance(run_dir, LoadedRun) else run_dir, settings.finetune, resume)
     run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, resolve_device(settings.device))
     data = run_data_config(run.config, data_name)
-    settings = dataclasses.replace(settings, num_samples=num_samples_for(run, settings, data_name))
+    if settings.profile is None:
+        settings = dataclasses.replace(settings, num_samples=num_samples_for(run, settings, data_name))
     written = evaluate_run(run, list(EVAL_ALL), settings, data_name=data_name, progress=progress, sweep=sweep,
                            resume=resume)
-    name = generation.EVALUATOR
-    inputs = evaluation_inputs(run, name, data, dataset_identities(data, (settings.real_split,)), settings, sweep,
-                               config_hash(run.config), GENERATION_SETTINGS, flags=list(dict.fromkeys(flags)))
-    if resume and inputs_match(run, name, inputs):
-        written[name] = read_records(records_path(run, name))
+    if settings.profile is not None:
+        written.update(_evaluate_profile(run, settings, data, data_name, cache_dir, progress, sweep, resume))
     else:
-        written[name] = generation.evaluate_generation(run, data.name, settings, flags, cache_dir=cache_dir,
-                                                       progress=progress, sweep=sweep, samples=samples)
-        remember_inputs(run, name, inputs)
+        written.update(_evaluate_generation(run, settings, data, flags, cache_dir, progress, sweep, samples, resume))
     if settings.inpaint:  # masked reconstruction, when the settings (a sweep's eval.inpaint) ask for it
         from mage_bench.eval.inpaint import EVALUATOR as INPAINT
         from mage_bench.eval.inpaint import evaluate_inpainting
@@ -275,6 +271,57 @@ def evaluate_all(run_dir: str | Path | Any, settings: EvalConfig = DEFAULT_EVAL,
         written[FINETUNE] = finetune_run(run.path, preset=settings.finetune, resume=resume, progress=progress,
                                          device=settings.device, sweep=sweep, steps=settings.finetune_steps)
     return written
+
+
+def _evaluate_generation(run: Any, settings: EvalConfig, data: DataConfig, flags: tuple[str, ...],
+                         cache_dir: str | Path | None, progress: bool, sweep: str | None, samples: Any | None,
+                         resume: bool) -> dict[str, list[dict[str, Any]]]:
+    """RUN/eval/fid.json: the generation metrics with the settings' extractor and backend (no profile)."""
+    from mage_bench.eval import generation
+    from mage_bench.results import config_hash, read_records
+
+    name = generation.EVALUATOR
+    inputs = evaluation_inputs(run, name, data, dataset_identities(data, (settings.real_split,)), settings, sweep,
+                               config_hash(run.config), GENERATION_SETTINGS, flags=list(dict.fromkeys(flags)))
+    if resume and inputs_match(run, name, inputs):
+        return {name: read_records(records_path(run, name))}
+    records = generation.evaluate_generation(run, data.name, settings, flags, cache_dir=cache_dir,
+                                             progress=progress, sweep=sweep, samples=samples)
+    remember_inputs(run, name, inputs)
+    return {name: records}
+
+
+def _evaluate_profile(run: Any, settings: EvalConfig, data: DataConfig, data_name: str | None,
+                      cache_dir: str | Path | None, progress: bool, sweep: str | None,
+                      resume: bool) -> dict[str, list[dict[str, Any]]]:
+    """RUN/eval/fid-<profile>.json: the generation metrics under the settings' evaluation profile."""
+    from mage_bench.eval.profile_eval import evaluate_profile, records_name
+    from mage_bench.results import config_hash, read_records
+
+    profile = profile_for_runs(settings.profile)
+    name = records_name(profile)
+    split = (profile.real_split,)
+    inputs = evaluation_inputs(run, name, data, dataset_identities(data, split), settings, sweep,
+                               config_hash(run.config), ("weights",), profile=profile.describe())
+    if resume and inputs_match(run, name, inputs):
+        return {name: read_records(records_path(run, name))}
+    records = evaluate_profile(run, data.name, profile, weights=settings.weights, device=settings.device,
+                               cache_dir=cache_dir, progress=progress, sweep=sweep)
+    remember_inputs(run, name, inputs)
+    return {name: records}
+
+
+def profile_for_runs(name: str) -> Any:
+    """The profile `eval all` and sweeps evaluate runs under: one whose reference is a data set (they have no
+    --real); a `UserError` otherwise."""
+    from mage_bench.eval.profiles import load_profile
+
+    profile = load_profile(name)
+    if profile.reference != "dataset":
+        raise UserError(f"profile {profile.name} compares against a {profile.reference} given with --real, but "
+                        "`eval all` and sweeps evaluate against the run's data set: use `eval fid --profile "
+                        f"{profile.name} --real ... --fake RUN`, or a profile with reference: dataset")
+    return profile
 
 
 def num_samples_for(run: Any, settings: EvalConfig, data_name: str | None = None) -> int:

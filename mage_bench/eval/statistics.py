@@ -77,3 +77,19 @@ def fid_against_statistics(fake_files: tuple[Path, ...], statistics: Path, refer
                         f"{mu.shape[0]}-d features: use the extractor the file was made with (--extractor)")
     return {"fid": frechet_from_statistics(mu, sigma, mu_ref, sigma_ref), "reference_sha256": sha256_file(statistics),
             "feature_dim": int(mu.shape[0])}
+
+
+def reference_activations(path: str | Path, extractor: str, weights_sha256: str) -> np.ndarray | None:
+    """The `activations` a statistics file written by `eval stats` holds, if any, after checking they come
+    from the same extractor and weights (a file without that provenance, or of another network, is refused)."""
+    with np.load(path, allow_pickle=False) as data:
+        if "activations" not in data.files:
+            return None
+        made_with = (str(data["extractor"]) if "extractor" in data.files else None,
+                     str(data["weights_sha256"]) if "weights_sha256" in data.files else None)
+        activations = data["activations"]
+    if made_with != (extractor, weights_sha256):
+        raise UserError(f"{path} holds activations of {made_with[0] or 'an unnamed extractor'} (weights "
+                        f"{(made_with[1] or 'unknown')[:12]}), not of {extractor} ({weights_sha256[:12]}); write it "
+                        f"again with `mage-bench eval stats --extractor {extractor}`")
+    return activations

@@ -70,12 +70,40 @@ HEADLINES = (
     Headline("is", "fid", "is"),
     Headline("kid", "fid", "kid"),
     Headline("finetune", "finetune", "top1"),  # `eval finetune` / eval.finetune: present only when run
+    Headline("cmmd", "fid", "cmmd"),  # evaluation profiles that compute it (`cmmd`): present only then
 )
+
+
+def profiles_of(results: pd.DataFrame, headline: Headline) -> list[str | None]:
+    """The evaluation profiles a generation headline's records were computed under (None: no profile), in
+    first-seen order."""
+    rows = headline_rows(results, headline)
+    if rows.empty:
+        return []
+    if "profile" not in rows:
+        return [None]
+    return list(dict.fromkeys(None if pd.isna(p) else str(p) for p in rows["profile"]))
+
+
+def headlines(results: pd.DataFrame) -> list[Headline]:
+    """HEADLINES, with every generation headline split by evaluation profile: numbers of two profiles (other
+    extractor, reference, sample count, format) never share a column, a figure panel or an axis. A headline
+    narrowed to a profile is keyed `<key>@<profile>` and labelled with it; records of no profile keep the key."""
+    out = []
+    for headline in HEADLINES:
+        if not headline.generation or results.empty:
+            out.append(headline)
+            continue
+        for profile in profiles_of(results, headline) or [None]:
+            key = headline.key if profile is None else f"{headline.key}@{profile}"
+            out.append(Headline(key, headline.evaluator, headline.metric, {**headline.where, "profile": profile}))
+    return out
 
 
 def headline_label(headline: Headline, extractors: set[str]) -> str:
     """The declared label; generation metrics name their extractor unless it is the standard one."""
-    qualifier = ", ".join(f"{k}={v}" for k, v in headline.where.items())
+    qualifier = ", ".join(f"{k}={v}" if k != "profile" else f"profile {v}" for k, v in headline.where.items()
+                          if v is not None)
     return headline.declaration.display(extractors, standard=extractors <= standard_extractors(),
                                         qualifier=qualifier)
 
@@ -164,7 +192,8 @@ def headline_rows(results: pd.DataFrame, headline: Headline) -> pd.DataFrame:
         return results
     mask = (results["evaluator"] == headline.evaluator) & (results["metric"] == headline.metric)
     for column, value in headline.where.items():
-        mask &= results.get(column, pd.Series(np.nan, index=results.index)) == value
+        values = results.get(column, pd.Series(np.nan, index=results.index))
+        mask &= values.isna() if value is None else values == value  # None: records without the field
     return results[mask]
 
 
@@ -179,10 +208,10 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
 
     `mask` (inpaint records) keeps different masks of one metric apart; records without one (every other
     evaluator) group as before, their key columns held by a placeholder only while grouping."""
-    keys = [c for c in ("role", "point", "evaluator", "metric", "feature_extractor", "k", "shots", "mask", "layer",
-                        "pooling") if c in results]
+    keys = [c for c in ("role", "point", "evaluator", "metric", "feature_extractor", "profile", "k", "shots", "mask",
+                        "layer", "pooling") if c in results]
     # groupby drops rows whose key is NaN: fill each optional key with a value it never takes, then undo.
-    placeholders = {"k": -1, "shots": -1, "mask": "", "layer": -1, "pooling": ""}
+    placeholders = {"profile": "", "k": -1, "shots": -1, "mask": "", "layer": -1, "pooling": ""}
     frame = results.copy()
     for column, placeholder in placeholders.items():
         if column in frame:

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from mage_bench.io import read_jsonl
-from mage_bench.report.collate import HEADLINES, Headline, headline_label, select
+from mage_bench.report.collate import HEADLINES, Headline, headline_label, headlines, select
 from mage_bench.report.labels import place_labels
 from mage_bench.runs import METRICS_FILE
 
@@ -63,7 +63,7 @@ def short(label: str, limit: int = 28) -> str:
 def metrics_vs_parameter(results: pd.DataFrame, points: list[str], parameter: str) -> str | None:
     """One panel per headline metric: mean +- std over seeds per point, seeds as dots, references as lines."""
     plt = pyplot()
-    present = [h for h in HEADLINES if not select(results, h).empty]
+    present = [h for h in headlines(results) if not select(results, h).empty]
     if not present or not points:
         return None
     cols = min(4, len(present))
@@ -114,7 +114,10 @@ def tradeoff_figure(results: pd.DataFrame, points: list[str]) -> Figure | None:
     """Generation (FD/FID, lower better) against representation (linear top-1), Pareto front marked;
     every point labelled without overlaps (see _label_points). None without both metrics."""
     plt = pyplot()
-    gen, rep = select(results, HEADLINES[4]), select(results, HEADLINES[0])
+    # FD/FID of one profile only (the first present: records of no profile come first)
+    fid = next((h for h in headlines(results) if h.metric == "fid" and h.generation and not select(results, h).empty),
+               HEADLINES[4])
+    gen, rep = select(results, fid), select(results, HEADLINES[0])
     if gen.empty or rep.empty:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=DPI)
@@ -143,7 +146,7 @@ def tradeoff_figure(results: pd.DataFrame, points: list[str]) -> Figure | None:
         else:
             ax.scatter(g.mean(), r.mean(), marker="x", color="0.4", label=name)
             avoid.append((g.mean(), r.mean()))
-    label = headline_label(HEADLINES[4], set(gen["feature_extractor"]))
+    label = headline_label(fid, set(gen["feature_extractor"]))
     ax.set_xlabel(f"{label} (lower is better) →")
     ax.set_ylabel("linear probe top-1 (higher is better) →")
     ax.set_title("generation vs representation (mean ± std over seeds)", fontsize=10)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from mage_bench.report.collate import HEADLINES, Headline, axis_column, headline_label, seed_spread, select
+from mage_bench.report.collate import Headline, axis_column, headline_label, headlines, seed_spread, select
 from mage_bench.report.figures import DPI, png, pyplot, short
 from mage_bench.report.tables import fmt
 
@@ -46,7 +46,7 @@ def _headline_runs(results: pd.DataFrame, axes: list[Axis]) -> list[tuple[Headli
     for axis in axes:
         on_grid &= results[axis.column].isin(axis.labels)
     out = []
-    for headline in HEADLINES:
+    for headline in headlines(results):
         data = select(results[on_grid], headline)
         if not data.empty:
             out.append((headline, data))

@@ -28,7 +28,7 @@ from mage_bench.proxies import (
     PROXIES,
     Proxy,
 )
-from mage_bench.report.collate import HEADLINES, headline_label, select
+from mage_bench.report.collate import HEADLINES, headline_label, headlines, select
 from mage_bench.report.figures import png, pyplot, short
 from mage_bench.runs import METRICS_FILE
 
@@ -98,7 +98,10 @@ def settled_step(steps: list[int], taus: list[float], threshold: float = SETTLED
 def _final_means(results: pd.DataFrame, proxy: Proxy, extractors: set[str]) -> tuple[pd.Series, str, str | None]:
     """(the final metric's mean over seeds per point, its label, a note when the records had to be narrowed
     or are missing). FD records of several extractors are narrowed to the proxy's one, when there."""
-    headline = next(h for h in HEADLINES if h.key == proxy.final)
+    base = next(h for h in HEADLINES if h.key == proxy.final)
+    # One profile's records only (records of no profile first): numbers of two profiles never share an axis
+    headline = next((h for h in headlines(results) if (h.evaluator, h.metric) == (base.evaluator, base.metric)
+                     and not select(results, h).empty), base)
     records = select(results, headline) if not results.empty else results
     if records.empty:
         return pd.Series(dtype=float), headline.key, f"no final {headline.key} records to compare with"

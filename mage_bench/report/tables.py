@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mage_bench.report.collate import HEADLINES, beyond_noise, headline_label, seed_spread, select
+from mage_bench.report.collate import beyond_noise, headline_label, headlines, seed_spread, select
 
 
 def fmt(value: float, std: float | None = None) -> str:
@@ -44,11 +44,20 @@ def distinct_best(groups: dict[str, pd.Series], higher: bool) -> str | None:
     return best if all(beyond_noise(present[best], g, spread, df) for g in rivals) else None
 
 
+def _interval_text(rows: pd.DataFrame) -> str:
+    """' (CI ±w)': the mean half-width of the records' bootstrap 95% intervals (sample-level uncertainty of
+    one evaluation, beside the spread over seeds), or '' when they carry none."""
+    if rows.empty or "ci_low" not in rows or rows["ci_low"].isna().all():
+        return ""
+    half = ((rows["ci_high"] - rows["ci_low"]) / 2).mean()
+    return f" (CI ±{half:.3g})"
+
+
 def summary_table(results: pd.DataFrame, points: list[str], references: list[str]) -> dict[str, Any]:
     """Rows = points then references, columns = headline metrics; a cell is marked best only when that
     point beats every other point by more than the seed spread."""
     columns, rows = [], {p: {"label": p, "reference": p in references, "cells": []} for p in points + references}
-    for headline in HEADLINES:
+    for headline in headlines(results):
         data = select(results, headline)
         if data.empty:
             continue
@@ -59,7 +68,8 @@ def summary_table(results: pd.DataFrame, points: list[str], references: list[str
         for p in points + references:
             values = data[data["point"] == p]["value"]
             std = values.std(ddof=1) if len(values) > 1 else None
-            rows[p]["cells"].append({"text": fmt(values.mean() if len(values) else np.nan, std),
+            rows[p]["cells"].append({"text": fmt(values.mean() if len(values) else np.nan, std)
+                                     + _interval_text(data[data["point"] == p]),
                                      "count": len(values), "best": p == best})
     return {"columns": columns, "rows": list(rows.values())}
 
@@ -67,7 +77,7 @@ def summary_table(results: pd.DataFrame, points: list[str], references: list[str
 def noise(results: pd.DataFrame, points: list[str]) -> list[dict[str, Any]]:
     """Per headline metric: which pairs of points differ by more than the seed spread."""
     out = []
-    for headline in HEADLINES:
+    for headline in headlines(results):
         data = select(results, headline)
         data = data[data["role"] == "run"] if not data.empty else data
         if data.empty:
