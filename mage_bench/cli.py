@@ -12,6 +12,7 @@ import json
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from mage_bench import __version__
@@ -109,7 +110,7 @@ def _generation_flags(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 # EvalConfig fields that are flags of `mage-bench eval` (the same name with dashes)
-EVAL_SETTING_FLAGS = ("profile", "num_samples", "real_split", "extractor", "weights", "backend", "device", "layers", "pooling",
+EVAL_SETTING_FLAGS = ("profile", "decode_grid", "stream_samples", "num_samples", "real_split", "extractor", "weights", "backend", "device", "layers", "pooling",
                       "knn_ks",
                       "knn_temperature", "fewshot_shots", "fewshot_draws", "probe_epochs", "probe_batch_size",
                       "probe_blr", "batch_size", "inpaint", "inpaint_images", "inpaint_steps", "inpaint_temperature",
@@ -148,6 +149,11 @@ PROFILE_PINNED_FLAGS = (("--num-samples", "num_samples"), ("--real-split", "real
 
 
 def _check_profile_flags(args: argparse.Namespace) -> None:
+    for flag, given in (("--decode", args.decode_grid), ("--stream-samples", args.stream_samples)):
+        if given and args.evaluator not in ("fid", "all"):
+            raise UserError(f"{flag} applies to `eval fid` and `eval all`, not `eval {args.evaluator}`")
+        if given and not args.profile:
+            raise UserError(f"{flag} needs --profile NAME (`mage-bench eval profiles`)")
     if not args.profile:
         return
     if args.evaluator not in ("fid", "all"):
@@ -158,13 +164,36 @@ def _check_profile_flags(args: argparse.Namespace) -> None:
                         "and metrics); drop it, or write a profile of your own (`mage-bench eval profiles`)")
 
 
+def _decode_grid_fid(args: argparse.Namespace) -> int:
+    from mage_bench.eval.decode_grid import evaluate_decode_grid, parse_decode, records_name
+    from mage_bench.eval.profiles import load_profile
+    from mage_bench.runs import CHECKPOINT_FILE, EVAL_DIR
+
+    if not args.profile:
+        raise UserError("--decode evaluates every decoding setting under an evaluation profile: add --profile NAME "
+                        "(`mage-bench eval profiles`)")
+    grid = parse_decode(args.decode_grid)
+    profile = load_profile(args.profile)
+    if not args.fake or not (Path(args.fake) / CHECKPOINT_FILE).is_file():
+        raise UserError("--decode needs --fake RUN_DIR (a run folder: its images are decoded at every setting)")
+    records = evaluate_decode_grid(args.fake, args.real, profile, grid, weights=args.weights,
+                                   device=args.device or "auto", cache_dir=args.cache, progress=_progress_enabled(args),
+                                   stream=bool(args.stream_samples))
+    lines = [f"steps {r['decode_steps']}, temperature {r['decode_temperature']:g}: {_record_line(r)}" for r in records]
+    _emit(args, records, "\n".join(lines) + f"\nrecords: {Path(args.fake) / EVAL_DIR / records_name(profile)}.json")
+    return 0
+
+
 def _profile_fid(args: argparse.Namespace) -> int:
     from mage_bench.eval.profile_eval import evaluate_profile
 
+    if args.decode_grid:
+        return _decode_grid_fid(args)
     if not args.fake:
         raise UserError(f"`mage-bench eval fid --profile {args.profile}` needs --fake DIR|RUN_DIR")
     records = evaluate_profile(args.fake, args.real, args.profile, weights=args.weights, device=args.device or "auto",
-                               cache_dir=args.cache, progress=_progress_enabled(args))
+                               cache_dir=args.cache, progress=_progress_enabled(args),
+                               stream=bool(args.stream_samples))
     first = records[0]
     lines = [_record_line(r) for r in records]
     lines.append(f"(profile {first['profile']} {first['profile_hash']}: {first['n_samples']} generated vs "
@@ -207,8 +236,8 @@ def cmd_eval_stats(args: argparse.Namespace) -> int:
 def cmd_eval_fid(args: argparse.Namespace) -> int:
     from mage_bench.eval.generation import evaluate_generation
 
-    if args.profile:
-        return _profile_fid(args)
+    if args.profile or args.decode_grid:
+        return _profile_fid(args) if args.profile else _decode_grid_fid(args)
     if not args.real or not args.fake:
         raise UserError("`mage-bench eval fid` needs --real DIR|DATASET and --fake DIR|RUN_DIR")
     if args.compare_backends:
@@ -613,6 +642,12 @@ def _add_eval_parser(sub: Any) -> None:
     p.add_argument("--profile", metavar="NAME|FILE.yaml",
                    help="fid, all: an evaluation profile pinning the whole generation protocol (extractor and "
                         "weights, reference, sample counts, format, decoding, metrics); `eval profiles` lists them")
+    p.add_argument("--decode", dest="decode_grid", nargs="+", metavar="KEY=V1,V2",
+                   help="fid (--fake RUN), all: with --profile, also evaluate every decoding setting of the product, "
+                        "e.g. --decode temperature=3,4.5,6 steps=8,12,20 (records fid-<profile>-decode.json)")
+    p.add_argument("--stream-samples", action="store_const", const=True,
+                   help="fid (--fake RUN), all: with --profile, hand a run's images from the decoder to the extractor "
+                        "in memory (the pixels their PNGs would hold: the same features), writing no PNG files")
     p.add_argument("--out", help="stats: the .npz to write (mu, sigma, activations)")
     p.add_argument("--image-size", type=int, help="stats: pixel size of a --real data set's images (default: the data config's, 16)")
     p.add_argument("--run", help="run folder (linear, fewshot, knn, inpaint, finetune, all)")

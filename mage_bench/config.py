@@ -340,6 +340,12 @@ class EvalConfig:
     # profile's name or YAML file) pins the whole generation protocol; then num_samples, real_split, extractor
     # and backend stay unset (the profile decides them) and the metrics are the profile's.
     profile: str | None = None
+    # A decoding sweep under the profile (`mage_bench.eval.decode_grid`): "temperature=3,4.5,6", "steps=8,12"; each
+    # (steps, temperature) of the product evaluated once, apart from the profile's headline records
+    decode_grid: tuple[str, ...] = ()
+    # Under a profile: a run's images go from the decoder to the extractor in memory (exactly the pixels of their
+    # PNG files, so the same features), no files written; off: PNGs under RUN/samples*, kept and reused
+    stream_samples: bool = False
     num_samples: int | None = None  # images generated per run; None: as many as the reference split holds
     real_split: str = "train"  # split of a data set used as the real side
     extractor: str | None = None  # None: digits-cnn for the bundled digits, inception-v3 otherwise
@@ -388,6 +394,10 @@ class EvalConfig:
                                                  ("backend", "torch-fidelity")) if getattr(self, name) != default]
             require(not pinned, f"{path}.{pinned[0] if pinned else ''} is pinned by {path}.profile "
                                 f"({self.profile}); drop it or use a profile that sets it")
+        require(not self.stream_samples or self.profile is not None,
+                f"{path}.stream_samples needs {path}.profile (streamed images are evaluated under a profile)")
+        require(not self.decode_grid or self.profile is not None,
+                f"{path}.decode_grid needs {path}.profile (the protocol every decoding setting is evaluated under)")
         require(self.num_samples is None or self.num_samples >= 2, f"{path}.num_samples must be >= 2")
         require(self.real_split in REAL_SPLITS, f"{path}.real_split must be train or test, not {self.real_split!r}")
         require(self.device in EVAL_DEVICES, f"{path}.device must be auto, cpu or cuda, not {self.device!r}")

@@ -119,6 +119,17 @@ def write_records(path: str | Path, records: list[ResultRecord]) -> None:
     atomic_write_json(path, [r.as_dict() for r in records])
 
 
+def write_record_dicts(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """`write_records` for records already turned into dicts (and given fields no builder sets)."""
+    from mage_bench.runs import records_inputs_file
+
+    missing = [k for record in records for k in REQUIRED if k not in record]
+    if missing:
+        raise ValueError(f"records lack {sorted(set(missing))}")
+    records_inputs_file(Path(path)).unlink(missing_ok=True)
+    atomic_write_json(path, records)
+
+
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     try:

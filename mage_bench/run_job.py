@@ -84,6 +84,13 @@ def check_evaluation_inputs(settings: Any, reals: Iterable[str], dry_run: bool =
         from mage_bench.eval.runner import profile_for_runs
 
         profile = profile_for_runs(settings.profile)
+        if settings.decode_grid:  # a bad grid fails before any training
+            from mage_bench.eval.decode_grid import parse_decode
+
+            try:
+                parse_decode(settings.decode_grid)
+            except UserError as exc:
+                raise UserError(f"eval.decode_grid: {exc}") from None
         for real in dict.fromkeys(reals):
             if dry_run and profile.extractor == "digits-cnn" and not settings.weights and not (
                     DIGITS_CNN_DIR / DIGITS_CNN_FILE).is_file():
@@ -277,7 +284,8 @@ def evaluate_run_folder(run_dir: Path, settings: Any, sweep: str, cache: Path, d
         from mage_bench.eval.profile_eval import generate_for_profile
 
         settings = dataclasses.replace(settings, device=device)
-        generate_for_profile(run, settings.profile, run.config.data.name, cache, device, progress)
+        if not settings.stream_samples:  # streamed images are generated inside the evaluation's feature pass
+            generate_for_profile(run, settings.profile, run.config.data.name, cache, device, progress)
         samples = None
     else:
         settings = dataclasses.replace(settings, device=device, num_samples=num_samples_for(run, settings))

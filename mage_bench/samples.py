@@ -164,6 +164,19 @@ def _load_png(path: Path) -> torch.Tensor:
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
 
 
+def render_uint8(loaded: Any, indices: list[int], steps: int, temperature: float, seed: int) -> torch.Tensor:
+    """The images `indices` of the run decoded and quantised exactly as `generate_images` writes them to PNG
+    (lossless): uint8 [B, 3, H, W] on the model's device. Each image's noise is seeded by its index."""
+    from mage_bench.mage.generate import decoding_noise, iterative_decode
+
+    num_tokens = loaded.config.model.num_tokens
+    side = int(round(num_tokens ** 0.5))
+    noise = decoding_noise(seed, indices, steps, num_tokens)
+    tokens = iterative_decode(loaded.model, noise, steps, temperature)  # (B, L)
+    images = loaded.tokenizer.decode(tokens.view(-1, side, side))  # (B, 3, H, W) in [0, 1]
+    return to_uint8(images, loaded.config.generate.png)
+
+
 def generate_images(run_dir: str | Path | Any, num: int, out_dir: str | Path, steps: int | None = None,
                     temperature: float | None = None, seed: int = 0, batch_size: int = 64,
                     progress: bool = True, device: str = "cpu") -> dict[str, Any]:
@@ -173,7 +186,7 @@ def generate_images(run_dir: str | Path | Any, num: int, out_dir: str | Path, st
     from torchvision.utils import make_grid
     from tqdm import tqdm
 
-    from mage_bench.mage.generate import batched, decoding_noise, iterative_decode
+    from mage_bench.mage.generate import batched
     from mage_bench.runs import LoadedRun, load_run
 
     if num < 1 or batch_size < 1:
@@ -204,14 +217,9 @@ def generate_images(run_dir: str | Path | Any, num: int, out_dir: str | Path, st
     todo = [i for i in range(num) if not (out / f"{i:06d}.png").exists()]
     bar = tqdm(total=num, initial=num - len(todo), desc="generate", unit="img", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
-    L = loaded.config.model.num_tokens
-    side = int(round(L ** 0.5))
     with png_pool() as pool:
         for indices in batched(todo, batch_size):
-            noise = decoding_noise(seed, indices, steps, L)
-            tokens = iterative_decode(loaded.model, noise, steps, temperature)  # (B, L)
-            images = loaded.tokenizer.decode(tokens.view(-1, side, side))  # (B, 3, H, W) in [0, 1]
-            arrays = to_uint8(images, png).permute(0, 2, 3, 1).cpu().numpy()  # one device copy per batch
+            arrays = render_uint8(loaded, indices, steps, temperature, seed).permute(0, 2, 3, 1).cpu().numpy()
             write_pngs([(out / f"{index:06d}.png", array) for index, array in zip(indices, arrays, strict=True)],
                        pool)
             bar.update(len(indices))

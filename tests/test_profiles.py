@@ -431,20 +431,101 @@ def test_a_sweep_under_a_profile_reports_its_columns_apart(tmp_path, tiny_tokeni
                     metrics=["fid", "kid", "precision", "recall", "density", "coverage"])
     del spec["eval"]["num_samples"]  # the profile pins it
     spec["eval"]["profile"] = str(profile)
+    spec["eval"]["decode_grid"] = ["temperature=1,3", "steps=2,4"]
     path.write_text(yaml.safe_dump(spec))
     runs, report = tmp_path / "runs", tmp_path / "report"
     assert main(["sweep", str(path), "--runs", str(runs), "--out", str(report)]) == 0
     results = pd.read_csv(report / "results.csv")
     gen = results[results["evaluator"] == "fid"]
     assert set(gen["profile"].dropna()) == {"sweep-digits"} and gen["profile"].notna().all()
-    run_rows = gen[gen["role"] == "run"]
+    run_rows = gen[(gen["role"] == "run") & gen["decode_grid"].isna()]
     assert len(run_rows) == 2 * 2 * 6 and set(run_rows["n_samples"]) == {16}
     assert run_rows["ci_low"].notna().all()
     assert set(gen[gen["role"] == "reference"]["point"]) == {"reference: untrained model"}  # no floor at 16
     html = (report / "index.html").read_text()
     table = html.split("<h2>Summary")[1].split("</table>")[0]
     assert "FD (digits-cnn; not Inception) (profile sweep-digits)" in table and "(CI ±" in table
+    grid = gen[gen["decode_grid"].fillna(False).astype(bool)]
+    assert set(grid["decode_temperature"]) == {1.0, 3.0} and set(grid["decode_steps"]) == {2, 4}
+    assert len(grid[grid["role"] == "run"]) == 2 * 2 * 4 * 6  # and the untrained model's, like every evaluator
+    assert len(run_rows[run_rows["decode_grid"].isna()]) == 2 * 2 * 6
+    assert "<h2>Decoding sweep</h2>" in html and "best temperature" in html
     shown = chromium_figures(report / "index.html", tmp_path / "chromium")
     if shown is not None:
         loaded, total, console = shown
         assert loaded == total and not console, console
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding sweeps
+
+
+def test_decode_grid_parsing_and_its_one_line_errors():
+    from mage_bench.eval.decode_grid import parse_decode
+
+    assert parse_decode(["temperature=3,4.5,6", "steps=8,12"]) == {"temperature": (3.0, 4.5, 6.0), "steps": (8, 12)}
+    for bad, words in ((["temp=3"], "give temperature="), (["steps=8", "steps=12"], "twice"),
+                       (["steps=a"], "must be ints"), (["temperature=3,3"], "a value twice"),
+                       (["steps=0"], ">= 1"), (["temperature="], "lists no value"), ([], "at least one")):
+        with pytest.raises(UserError, match=words):
+            parse_decode(bad)
+
+
+def test_eval_fid_decode_grid_evaluates_every_setting_once(tmp_path, tiny_run_layer, digits_cnn, digits_sets,
+                                                           capsys):
+    from mage_bench.config import EvalConfig, RunConfig, resolve_config
+    from mage_bench.report import build_report
+    from mage_bench.results import read_records
+    from mage_bench.train import train
+
+    weights, _ = digits_cnn
+    _, cache = digits_sets
+    run = tmp_path / "run"
+    train(resolve_config(RunConfig, tiny_run_layer), run, progress=False)
+    profile = _yaml(tmp_path / "grid.yaml", base="digits", num_samples=24, metrics=["fid", "precision"], bootstrap=0)
+    base = ["eval", "fid", "--fake", str(run), "--weights", str(weights), "--cache", str(cache)]
+    assert main([*base, "--decode", "temperature=1,2"]) == 2
+    assert "--decode needs --profile NAME" in capsys.readouterr().err
+    assert main([*base, "--profile", str(profile), "--decode", "temperature=1,2", "steps=2,3", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    settings = {(r["decode_steps"], r["decode_temperature"]) for r in records}
+    assert settings == {(2, 1.0), (2, 2.0), (3, 1.0), (3, 2.0)} and len(records) == 8
+    assert {r["profile_hash"] for r in records} == {load_profile(str(profile)).hash}
+    assert all(r["decode_grid"] is True and r["n_samples"] == 24 for r in records)
+    assert read_records(run / "eval" / "fid-grid-decode.json") == records
+    assert sorted(p.name for p in run.glob("samples-*")) == ["samples-s2-t1", "samples-s2-t2", "samples-s3-t1",
+                                                             "samples-s3-t2"]
+    # The report draws them apart from the headline columns
+    assert main(["eval", "fid", "--fake", str(run), "--profile", str(profile), "--weights", str(weights),
+                 "--cache", str(cache)]) == 0
+    capsys.readouterr()
+    index = build_report([run], tmp_path / "report")
+    html = index.read_text()
+    assert "<h2>Decoding sweep</h2>" in html
+    table = html.split("<h2>Summary")[1].split("</table>")[0]
+    assert table.count("(profile grid)") == 1  # one FD column: the profile's own decoding only
+    with pytest.raises(UserError, match="decode_grid needs eval.profile"):
+        EvalConfig(decode_grid=("temperature=1",)).validate("eval")
+
+
+def test_streamed_samples_give_the_features_of_their_png_files(tmp_path, tiny_run_layer, digits_cnn, digits_sets,
+                                                                capsys):
+    from mage_bench.config import RunConfig, resolve_config
+    from mage_bench.eval.profile_eval import evaluate_profile
+    from mage_bench.train import train
+
+    weights, _ = digits_cnn
+    _, cache = digits_sets
+    run = tmp_path / "run"
+    train(resolve_config(RunConfig, tiny_run_layer), run, progress=False)
+    profile = _yaml(tmp_path / "stream.yaml", base="digits", num_samples=70, decode_temperature=1.5, bootstrap=10,
+                    kid_subsets=5, metrics=["fid", "is", "kid", "precision", "density"])
+    streamed = evaluate_profile(run, "digits", str(profile), weights=str(weights), cache_dir=cache, stream=True)
+    assert not list(run.glob("samples*")) and streamed[0]["samples_streamed"] is True  # no PNG written
+    written = evaluate_profile(run, "digits", str(profile), weights=str(weights), cache_dir=cache)
+    assert len(list((run / "samples-s12-t1.5").glob("0*.png"))) == 70 and written[0]["samples_streamed"] is False
+    assert not written[0]["fake_features_cached"]  # the PNG folder is another image set: extracted again
+    keys = ("metric", "value", "std", "ci_low", "ci_high")
+    assert [[r.get(k) for k in keys] for r in streamed] == [[r.get(k) for k in keys] for r in written]
+    assert main(["eval", "knn", "--run", str(run), "--stream-samples"]) == 2
+    assert "--stream-samples applies to `eval fid` and `eval all`" in capsys.readouterr().err

@@ -42,6 +42,9 @@ class ImageSource:
     description: str
     files: tuple[Path, ...] = ()
     array: Any = None  # np.ndarray uint8 [N, H, W, 3]
+    # Images made on the fly (a run's decoder: no PNG round trip): indices -> uint8 [B, 3, H, W], exactly the
+    # pixels the PNG files would hold
+    render: Any = None
 
     @classmethod
     def of_images(cls, images: Any) -> ImageSource:
@@ -132,6 +135,25 @@ def image_features(source: ImageSource, extractor: Any, weights: Path, weights_s
     return FeatureSet(features, logits, folder, extracted, time.perf_counter() - start)
 
 
+def _rendered_features(source: ImageSource, network: Any, cuda: bool, progress: bool) -> dict[str, Any]:
+    """torch-fidelity's batching loop (`get_featuresdict_from_dataset`) on images rendered batch by batch: the
+    same batches in the same order as the PNG path, each handed from the decoder to the extractor in memory."""
+    import torch
+    from tqdm import tqdm
+
+    parts: dict[str, list[Any]] = {}
+    with torch.no_grad(), tqdm(total=source.count, desc="generate + features", unit="img", file=sys.stderr,
+                               disable=not progress) as bar:
+        for start in range(0, source.count, BATCH_SIZE):
+            batch = source.render(list(range(start, min(start + BATCH_SIZE, source.count))))
+            batch = batch.cuda(non_blocking=True) if cuda else batch.cpu()
+            named = network.convert_features_tuple_to_dict(network(batch))
+            for name, value in named.items():
+                parts.setdefault(name, []).append(value.cpu())
+            bar.update(len(batch))
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
 def _extract(source: ImageSource, extractor: Any, weights: Path, device: str, layers: list[str],
              progress: bool) -> dict[str, np.ndarray]:
     """float32 arrays per layer through torch-fidelity's network and batching (as its metrics read them)."""
@@ -143,8 +165,11 @@ def _extract(source: ImageSource, extractor: Any, weights: Path, device: str, la
     with contextlib.redirect_stdout(sys.stderr):  # torch-fidelity prints progress on stdout; --json owns it
         network = tf_utils.create_feature_extractor(extractor.torch_fidelity_name, layers, cuda=cuda,
                                                     feature_extractor_weights_path=str(weights), verbose=progress)
-        out = tf_utils.get_featuresdict_from_dataset(source.dataset(), network, batch_size=BATCH_SIZE, cuda=cuda,
-                                                     save_cpu_ram=not cuda, verbose=progress)
+        if source.render is not None:
+            out = _rendered_features(source, network, cuda, progress)
+        else:
+            out = tf_utils.get_featuresdict_from_dataset(source.dataset(), network, batch_size=BATCH_SIZE, cuda=cuda,
+                                                         save_cpu_ram=not cuda, verbose=progress)
     arrays = {layer: out[layer].numpy().astype(np.float32, copy=False) for layer in layers}
     for layer, array in arrays.items():
         if not np.isfinite(array).all():

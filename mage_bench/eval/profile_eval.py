@@ -206,8 +206,16 @@ def _generate(run: Any, num: int, steps: int, temperature: float, device: str, p
     return images
 
 
-def _run_images(profile: EvalProfile, run: Any, reference: Reference, device: str, progress: bool) -> Any:
-    """The run's generated images under the profile (decoded now unless they exist already)."""
+@dataclass(frozen=True)
+class Streamed:
+    """A run's images rendered batch by batch into the feature pass (no PNG files)."""
+
+    source: Any  # feature_sets.ImageSource with `render`
+    count: int
+    size: tuple[int, int]
+
+
+def _sample_count(profile: EvalProfile, reference: Reference) -> int:
     from mage_bench.eval.profile_metrics import check_sizes
 
     num = profile.num_samples or reference.count
@@ -215,6 +223,31 @@ def _run_images(profile: EvalProfile, run: Any, reference: Reference, device: st
         raise UserError(f"profile {profile.name} pins no num_samples and its reference has no image count; "
                         "set num_samples in the profile")
     check_sizes(profile, reference.count, num)  # before generating: a count the metrics refuse fails now
+    return num
+
+
+def _streamed_images(profile: EvalProfile, run: Any, reference: Reference) -> Streamed:
+    """The images `generate_images` would write (same seed, batches, quantisation), as a render function keyed
+    on what makes them: the checkpoint's sha256, the decoding settings, the PNG quantisation and the count."""
+    from mage_bench.eval.feature_sets import BATCH_SIZE, ImageSource
+    from mage_bench.samples import render_uint8
+
+    num = _sample_count(profile, reference)
+    steps, temperature = _decode_settings(profile, run)
+    side = run.config.data.image_size
+    if profile.image_size is not None and side != profile.image_size:
+        raise UserError(f"{run.path.name} generates {side}x{side} images; profile {profile.name} pins "
+                        f"{profile.image_size}x{profile.image_size}")
+    identity = (f"generated:{run.checkpoint_sha256}:steps={steps}:temperature={temperature}:seed=0:"
+                f"png={run.config.generate.png}:batch={BATCH_SIZE}:{side}x{side}")
+    source = ImageSource(identity=identity, count=num, description=f"{num} images decoded by {run.path.name}",
+                         render=lambda indices: render_uint8(run, indices, steps, temperature, seed=0))
+    return Streamed(source, num, (side, side))
+
+
+def _run_images(profile: EvalProfile, run: Any, reference: Reference, device: str, progress: bool) -> Any:
+    """The run's generated images under the profile (decoded now unless they exist already)."""
+    num = _sample_count(profile, reference)
     steps, temperature = _decode_settings(profile, run)
     images = _generate(run, num, steps, temperature, device, progress)
     _check_images(profile, images, "generated", None)
@@ -234,10 +267,13 @@ def generate_for_profile(run: Any, profile: EvalProfile | str, real: str | None,
 
 def evaluate_profile(fake: str | Path | Any, real: str | None, profile: EvalProfile | str,
                      weights: str | None = None, device: str = "auto", cache_dir: str | Path | None = None,
-                     progress: bool = False, sweep: str | None = None, seed: int = 0) -> list[dict[str, Any]]:
+                     progress: bool = False, sweep: str | None = None, seed: int = 0,
+                     write: bool = True, stream: bool = False) -> list[dict[str, Any]]:
     """The profile's metrics of `fake` (a folder, a run folder or a `LoadedRun`) against its reference
     (`real`: the folder, statistics file or data set the profile's reference kind asks for). A run's records
-    are also written to RUN/eval/fid-<profile>.json. Returns the records."""
+    are also written to RUN/eval/fid-<profile>.json unless `write` is off. `stream`: a run's images go from
+    the decoder to the extractor in memory, quantised exactly as their PNG files would be (no files written;
+    the same features). Returns the records."""
     from mage_bench.eval.feature_sets import ImageSource, image_features
     from mage_bench.eval.image_sets import DEFAULT_CACHE, scan_folder
     from mage_bench.eval.profile_metrics import Side, check_sizes
@@ -256,7 +292,11 @@ def evaluate_profile(fake: str | Path | Any, real: str | None, profile: EvalProf
     size = fake_set.size if fake_set is not None else (run.config.data.image_size,) * 2
     reference = _reference(profile, real, run, size, cache, progress, weights_sha256)
     timings: dict[str, float] = {}
-    if run is not None:
+    if run is not None and stream:
+        fake_set = _streamed_images(profile, run, reference)
+        steps, temperature = _decode_settings(profile, run)
+        seed = run.config.seed
+    elif run is not None:
         t0 = time.perf_counter()
         fake_set = _run_images(profile, run, reference, device, progress)
         timings["generate_s"] = round(time.perf_counter() - t0, 3)
@@ -276,7 +316,8 @@ def evaluate_profile(fake: str | Path | Any, real: str | None, profile: EvalProf
         timings[f"{label}_features_cached"] = not feature_set.extracted
         return feature_set
 
-    fake_features = features(ImageSource.of_images(fake_set), "fake")
+    fake_source = fake_set.source if isinstance(fake_set, Streamed) else ImageSource.of_images(fake_set)
+    fake_features = features(fake_source, "fake")  # streamed: generation happens inside this pass
     if reference.images is not None:
         real_features = features(ImageSource.of_images(reference.images), "real")
         real_side = Side(real_features.features, real_features.logits)
@@ -298,25 +339,26 @@ def evaluate_profile(fake: str | Path | Any, real: str | None, profile: EvalProf
     common = {"profile": profile.name, "profile_hash": profile.hash, "profile_version": profile.version,
               "backend": BACKEND, "n_real": reference.count, "standard_extractor": profile.standard,
               "weights_sha256": weights_sha256, "fake_size": f"{fake_set.size[0]}x{fake_set.size[1]}",
-              "decode_steps": steps, "decode_temperature": temperature, **(reference.fields or {}), **timings}
+              "decode_steps": steps, "decode_temperature": temperature, "samples_streamed": isinstance(
+                  fake_set, Streamed), **(reference.fields or {}), **timings}
     if reference.images is not None:
         common["real_size"] = f"{reference.images.size[0]}x{reference.images.size[1]}"
     rows = [(metric, value.pop("value"), {**common, **value}) for metric, value in values.items()]
     rows.sort(key=lambda row: profile.metrics.index(row[0]))
-    return _records(profile, run, fake_set, reference, rows, seed, sweep)
+    return _records(profile, run, fake_set, reference, rows, seed, sweep, write)
 
 
 def _records(profile: EvalProfile, run: Any, fake_set: Any, reference: Reference, rows: list, seed: int,
-             sweep: str | None) -> list[dict[str, Any]]:
+             sweep: str | None, write: bool) -> list[dict[str, Any]]:
     from mage_bench.eval.fid_backends import METRICS
     from mage_bench.results import RecordContext, build_records, config_hash, write_records
 
-    context = RecordContext(evaluator=EVALUATOR, run=run.path.name if run else fake_set.folder.name,
+    context = RecordContext(evaluator=EVALUATOR, run=run.path.name if run is not None else fake_set.folder.name,
                             dataset=reference.dataset, split=reference.split, feature_extractor=profile.extractor,
                             n_samples=fake_set.count, seed=seed, config_hash=config_hash(run.config) if run else None,
                             sweep=sweep)
     records = build_records(context, METRICS, rows)
-    if run is not None:
+    if run is not None and write:
         from mage_bench.runs import EVAL_DIR
 
         write_records(run.path / EVAL_DIR / f"{records_name(profile)}.json", records)

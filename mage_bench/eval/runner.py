@@ -242,8 +242,12 @@ def evaluate_all(run_dir: str | Path | Any, settings: EvalConfig = DEFAULT_EVAL,
 
     from mage_bench.runs import LoadedRun, load_run, resolve_device
 
-    if settings.profile is not None:  # a profile `eval all` cannot follow fails before any work
+    if settings.profile is not None:  # a profile `eval all` cannot follow, or a bad grid, fails before any work
         profile_for_runs(settings.profile)
+    if settings.decode_grid:
+        from mage_bench.eval.decode_grid import parse_decode
+
+        parse_decode(settings.decode_grid)
     if settings.finetune:  # its refusals before the other evaluators' work, not after
         from mage_bench.eval.finetune import preflight
 
@@ -303,12 +307,30 @@ def _evaluate_profile(run: Any, settings: EvalConfig, data: DataConfig, data_nam
     split = (profile.real_split,)
     inputs = evaluation_inputs(run, name, data, dataset_identities(data, split), settings, sweep,
                                config_hash(run.config), ("weights",), profile=profile.describe())
+    written = {}
     if resume and inputs_match(run, name, inputs):
-        return {name: read_records(records_path(run, name))}
-    records = evaluate_profile(run, data.name, profile, weights=settings.weights, device=settings.device,
-                               cache_dir=cache_dir, progress=progress, sweep=sweep)
-    remember_inputs(run, name, inputs)
-    return {name: records}
+        written[name] = read_records(records_path(run, name))
+    else:
+        written[name] = evaluate_profile(run, data.name, profile, weights=settings.weights, device=settings.device,
+                                         cache_dir=cache_dir, progress=progress, sweep=sweep,
+                                         stream=settings.stream_samples)
+        remember_inputs(run, name, inputs)
+    if settings.decode_grid:  # the decoding sweep under the same profile, apart from its headline records
+        from mage_bench.eval import decode_grid
+
+        grid = decode_grid.parse_decode(settings.decode_grid)
+        name = decode_grid.records_name(profile)
+        inputs = evaluation_inputs(run, name, data, dataset_identities(data, split), settings, sweep,
+                                   config_hash(run.config), ("weights", "decode_grid"), profile=profile.describe())
+        if resume and inputs_match(run, name, inputs):
+            written[name] = read_records(records_path(run, name))
+        else:
+            written[name] = decode_grid.evaluate_decode_grid(run, data.name, profile, grid, weights=settings.weights,
+                                                             device=settings.device, cache_dir=cache_dir,
+                                                             progress=progress, sweep=sweep,
+                                                             stream=settings.stream_samples)
+            remember_inputs(run, name, inputs)
+    return written
 
 
 def profile_for_runs(name: str) -> Any:

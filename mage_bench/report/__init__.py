@@ -23,7 +23,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path) -> Path:
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     from mage_bench.io import atomic_write_text, utc_now
-    from mage_bench.report import depth, figures, grid, inpaint, proxies, tables
+    from mage_bench.report import decoding, depth, figures, grid, inpaint, proxies, tables
 
     collected = collect(paths)
     results = collected.results
@@ -65,6 +65,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path) -> Path:
                               for r in runs if r["run"] in collected.folders) if g["png"]],  # each PNG read once
         "inpaint": inpaint.section(results, points, collected.folders) if not results.empty else None,
         "depth": depth.section(results, points) if not results.empty else None,
+        "decoding": decoding.section(results, points) if not results.empty else None,
         "proxies": proxies.section(runs, collected.folders, results, points),
         "failed": collected.failed,
         "nonstandard": sorted(set(gen["feature_extractor"]) - {"inception-v3"}) if len(gen) else [],

@@ -94,6 +94,8 @@ def headlines(results: pd.DataFrame) -> list[Headline]:
         if not headline.generation or results.empty:
             out.append(headline)
             continue
+        # Never a decoding sweep's records (`eval.decode_grid`): the report draws those apart (`report.decoding`)
+        headline = Headline(headline.key, headline.evaluator, headline.metric, {**headline.where, "decode_grid": None})
         for profile in profiles_of(results, headline) or [None]:
             key = headline.key if profile is None else f"{headline.key}@{profile}"
             out.append(Headline(key, headline.evaluator, headline.metric, {**headline.where, "profile": profile}))
@@ -204,14 +206,16 @@ def select(results: pd.DataFrame, headline: Headline) -> pd.DataFrame:
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean, std (ddof 1) and count over seeds per (point, evaluator, metric, k, shots, mask, layer, pooling).
+    """Mean, std (ddof 1) and count over seeds per (point, evaluator, metric, profile, decoding setting, k, shots,
+    mask, layer, pooling).
 
     `mask` (inpaint records) keeps different masks of one metric apart; records without one (every other
     evaluator) group as before, their key columns held by a placeholder only while grouping."""
-    keys = [c for c in ("role", "point", "evaluator", "metric", "feature_extractor", "profile", "k", "shots", "mask",
-                        "layer", "pooling") if c in results]
+    keys = [c for c in ("role", "point", "evaluator", "metric", "feature_extractor", "profile", "decode_grid",
+                        "decode_steps", "decode_temperature", "k", "shots", "mask", "layer", "pooling") if c in results]
     # groupby drops rows whose key is NaN: fill each optional key with a value it never takes, then undo.
-    placeholders = {"profile": "", "k": -1, "shots": -1, "mask": "", "layer": -1, "pooling": ""}
+    placeholders = {"profile": "", "decode_grid": "", "decode_steps": -1, "decode_temperature": -1.0, "k": -1,
+                    "shots": -1, "mask": "", "layer": -1, "pooling": ""}
     frame = results.copy()
     for column, placeholder in placeholders.items():
         if column in frame:

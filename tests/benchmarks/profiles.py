@@ -7,7 +7,8 @@ passes run), a user profile sharing its extractor (`base: digits`, precision/rec
 feature sets back) and one sharing nothing (torch-fidelity's Inception with random weights on the same images:
 extracts again). Prints, per profile, the stages the records time (generation, each side's feature pass or
 cache read, metric arithmetic with the bootstrap) and the ratio the issue bounds: (total - generation) /
-(the cold feature passes + the metric arithmetic).
+(the cold feature passes + the metric arithmetic). Then the generated side's cost per 1,000 images with PNG
+files (generate, write, read back) and streamed from the decoder to the extractor.
 """
 
 from __future__ import annotations
@@ -69,6 +70,18 @@ def main() -> None:
                                                               + r["metrics_s"])
     for name, ratio in cold.items():
         print(f"{name}: (total - generation) / (feature passes + metric arithmetic) = {ratio:.2f}x")
+
+    # PNG round trip against streaming, 1,000 fresh images each (decoding settings no earlier call used)
+    fresh = root / "round-trip.yaml"
+    for label, temperature, stream in (("PNG files", 2.0, False), ("streamed", 2.5, True)):
+        fresh.write_text(yaml.safe_dump({"base": "digits", "num_samples": 1000, "decode_temperature": temperature,
+                                         "metrics": ["fid"], "bootstrap": 0}))
+        start = time.perf_counter()
+        r = evaluate_profile(run, "digits", str(fresh), device="cpu", cache_dir=cache, stream=stream)[0]
+        wall = time.perf_counter() - start
+        generate = r.get("generate_s", 0.0)
+        print(f"{label:>9}: generate {generate:6.2f} s + fake features {r['fake_features_s']:6.2f} s "
+              f"= {generate + r['fake_features_s']:6.2f} s per 1,000 images (call {wall:.2f} s)")
 
 
 if __name__ == "__main__":
