@@ -383,11 +383,24 @@ def _check_feature_flags(args: argparse.Namespace) -> None:
                         f"`eval {args.evaluator}`")
 
 
+# What `eval profiles` and `eval stats` read; any other flag given to them would do nothing
+OWN_FLAGS = {"profiles": {"json", "quiet"},
+             "stats": {"json", "quiet", "real", "out", "extractor", "weights", "device", "image_size", "real_split",
+                       "cache"}}
+IGNORED = {"evaluator", "func", "command", "protocol"}  # parser plumbing and defaults, never "given"
+
+
+def _check_own_flags(args: argparse.Namespace) -> None:
+    given = [name for name, value in vars(args).items()
+             if name not in IGNORED | OWN_FLAGS[args.evaluator] and value not in (None, False, (), [])]
+    if given:
+        raise UserError(f"--{given[0].replace('_', '-')} does not apply to `eval {args.evaluator}`")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    if args.evaluator == "profiles":
-        return cmd_eval_profiles(args)
-    if args.evaluator == "stats":
-        return cmd_eval_stats(args)
+    if args.evaluator in OWN_FLAGS:
+        _check_own_flags(args)
+        return cmd_eval_profiles(args) if args.evaluator == "profiles" else cmd_eval_stats(args)
     if args.out or args.image_size:
         raise UserError(f"--{'out' if args.out else 'image-size'} applies to `eval stats` only")
     _check_profile_flags(args)

@@ -26,6 +26,15 @@ def _yaml(path, **fields):
     return path
 
 
+def _trained_run(path, layer):
+    """A tiny digits run trained for the layer's few steps (each test gets its own folder to fill)."""
+    from mage_bench.config import RunConfig, resolve_config
+    from mage_bench.train import train
+
+    train(resolve_config(RunConfig, layer), path, progress=False)
+    return path
+
+
 @pytest.fixture(scope="module")
 def digits_sets(tmp_path_factory):
     """The digits test split as PNGs (the generated side in these tests) and the cache holding it."""
@@ -235,6 +244,13 @@ def test_adm_style_batch_gives_precision_from_its_images_and_refuses_other_netwo
              extractor=np.array("inception-v3"), weights_sha256=np.array("0" * 64))
     with pytest.raises(UserError, match="inception-v3 statistics"):
         evaluate_profile(fake, str(other), str(profile), weights=str(weights), cache_dir=cache)
+    other_weights = tmp_path / "other-weights.npz"
+    np.savez(other_weights, mu=np.zeros(64), sigma=np.eye(64), extractor=np.array("digits-cnn"),
+             weights_sha256=np.array("0" * 64))
+    fd_only = _yaml(tmp_path / "fd-only.yaml", base="digits", metrics=["fid"], bootstrap=0, reference="statistics",
+                    reference_data="")
+    with pytest.raises(UserError, match="was made with digits-cnn weights 000000000000"):
+        evaluate_profile(fake, str(other_weights), str(fd_only), weights=str(weights), cache_dir=cache)
     no_images = tmp_path / "moments.npz"
     np.savez(no_images, mu=np.zeros(64), sigma=np.eye(64))
     with pytest.raises(UserError, match="LTH14/mar#91"):
@@ -326,18 +342,17 @@ def test_cli_profiles_listing_and_refused_flags(capsys, digits_sets):
         assert words in err and err.count("\n") == 1, err
     assert main(["eval", "linear", "--run", "x", "--profile", "digits"]) == 2
     assert "--profile applies to `eval fid` and `eval all`" in capsys.readouterr().err
+    assert main(["eval", "profiles", "--kid"]) == 2
+    assert "--kid does not apply to `eval profiles`" in capsys.readouterr().err
 
 
 def test_eval_all_under_a_profile_writes_its_own_records_and_resumes(tmp_path, tiny_run_layer, digits_cnn,
                                                                      digits_sets, capsys):
-    from mage_bench.config import RunConfig, resolve_config
     from mage_bench.results import read_records
-    from mage_bench.train import train
 
     weights, _ = digits_cnn
     _, cache = digits_sets
-    run = tmp_path / "run"
-    train(resolve_config(RunConfig, tiny_run_layer), run, progress=False)
+    run = _trained_run(tmp_path / "run", tiny_run_layer)
     profile = _yaml(tmp_path / "few.yaml", base="digits", num_samples=40, decode_steps=4, decode_temperature=2.0,
                     metrics=["fid", "precision", "recall"], bootstrap=0)
     args = ["eval", "all", "--run", str(run), "--profile", str(profile), "--weights", str(weights), "--cache",
@@ -392,6 +407,29 @@ def test_report_never_puts_two_profiles_in_one_column():
     assert cells[0] == "10.500 ± 0.707" and cells[1] == "1.000 ± 0.707 (CI ±1)"
     summary = summarise(results)
     assert len(summary) == 3 and set(summary["count"]) == {2}
+    # One name with two hashes (an edited user YAML) is two protocols: two columns, told apart by the hash
+    rows = [{**r, "profile_hash": "aaaa1111" if r["seed"] == 0 else "bbbb2222"} for r in rows if r["profile"]]
+    edited = pd.DataFrame(rows)
+    keys = [h.key for h in headlines(edited) if h.metric == "fid"]
+    assert keys == ["fid@digits[aaaa1111]", "fid@digits[bbbb2222]", "fid@dgm-eval[aaaa1111]",
+                    "fid@dgm-eval[bbbb2222]"]
+    labels = [c["label"] for c in summary_table(edited, ["p"], [])["columns"]]
+    assert any("profile digits [aaaa1111]" in label for label in labels)
+    # Decode-grid records alone give no headline column and no trade-off axis
+    grid_only = pd.DataFrame([{**r, "decode_grid": True} for r in rows])
+    assert summary_table(grid_only, ["p"], [])["columns"] == []
+
+
+def test_report_builds_from_fid_against_moments_only(tmp_path):
+    from mage_bench.report import build_report
+
+    record = {"sweep": None, "run": "r", "evaluator": "fid", "metric": "fid", "value": 3.0, "higher_is_better": False,
+              "n_samples": 10, "dataset": "ref.npz", "split": "statistics", "feature_extractor": "inception-v3",
+              "seed": 0, "config_hash": None, "git_commit": None, "versions": {}, "created_at": "now",
+              "profile": "moments", "profile_hash": "abcd", "n_real": None, "standard_extractor": True}
+    (tmp_path / "r" / "eval").mkdir(parents=True)
+    (tmp_path / "r" / "eval" / "fid-moments.json").write_text(json.dumps([record]))
+    assert "profile moments" in build_report([tmp_path / "r"], tmp_path / "report").read_text()
 
 
 def test_cmmd_is_named_cmmd_only_on_clip_features():
@@ -473,15 +511,13 @@ def test_decode_grid_parsing_and_its_one_line_errors():
 
 def test_eval_fid_decode_grid_evaluates_every_setting_once(tmp_path, tiny_run_layer, digits_cnn, digits_sets,
                                                            capsys):
-    from mage_bench.config import EvalConfig, RunConfig, resolve_config
+    from mage_bench.config import EvalConfig
     from mage_bench.report import build_report
     from mage_bench.results import read_records
-    from mage_bench.train import train
 
     weights, _ = digits_cnn
     _, cache = digits_sets
-    run = tmp_path / "run"
-    train(resolve_config(RunConfig, tiny_run_layer), run, progress=False)
+    run = _trained_run(tmp_path / "run", tiny_run_layer)
     profile = _yaml(tmp_path / "grid.yaml", base="digits", num_samples=24, metrics=["fid", "precision"], bootstrap=0)
     base = ["eval", "fid", "--fake", str(run), "--weights", str(weights), "--cache", str(cache)]
     assert main([*base, "--decode", "temperature=1,2"]) == 2
@@ -510,14 +546,11 @@ def test_eval_fid_decode_grid_evaluates_every_setting_once(tmp_path, tiny_run_la
 
 def test_streamed_samples_give_the_features_of_their_png_files(tmp_path, tiny_run_layer, digits_cnn, digits_sets,
                                                                 capsys):
-    from mage_bench.config import RunConfig, resolve_config
     from mage_bench.eval.profile_eval import evaluate_profile
-    from mage_bench.train import train
 
     weights, _ = digits_cnn
     _, cache = digits_sets
-    run = tmp_path / "run"
-    train(resolve_config(RunConfig, tiny_run_layer), run, progress=False)
+    run = _trained_run(tmp_path / "run", tiny_run_layer)
     profile = _yaml(tmp_path / "stream.yaml", base="digits", num_samples=70, decode_temperature=1.5, bootstrap=10,
                     kid_subsets=5, metrics=["fid", "is", "kid", "precision", "density"])
     streamed = evaluate_profile(run, "digits", str(profile), weights=str(weights), cache_dir=cache, stream=True)
@@ -529,3 +562,6 @@ def test_streamed_samples_give_the_features_of_their_png_files(tmp_path, tiny_ru
     assert [[r.get(k) for k in keys] for r in streamed] == [[r.get(k) for k in keys] for r in written]
     assert main(["eval", "knn", "--run", str(run), "--stream-samples"]) == 2
     assert "--stream-samples applies to `eval fid` and `eval all`" in capsys.readouterr().err
+    with pytest.raises(UserError, match="is a folder of images: drop --stream-samples"):
+        evaluate_profile(run / "samples-s12-t1.5", "digits", str(profile), weights=str(weights), cache_dir=cache,
+                         stream=True)

@@ -31,6 +31,9 @@ from mage_bench.errors import UserError
 FEATURES_DIR = "features"
 FEATURES_FILE, LOGITS_FILE, META_FILE = "features.npy", "logits.npy", "meta.json"
 BATCH_SIZE = 64  # images per extractor batch (torch-fidelity's default)
+# Part of every cache key: bump it when mage-bench's own extractor code (digits-cnn, the DINOv2 wrapper) or the
+# way features are read changes what a cached array holds
+FEATURES_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,8 @@ def cache_key(source: ImageSource, extractor: Any, weights_sha256: str) -> str:
     from importlib import metadata
 
     spec = {"images": source.identity, "count": source.count, "extractor": extractor.name,
-            "weights": weights_sha256, "torch_fidelity": metadata.version("torch-fidelity")}
+            "weights": weights_sha256, "torch_fidelity": metadata.version("torch-fidelity"),
+            "version": FEATURES_VERSION}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -155,8 +155,13 @@ def _statistics_reference(profile: EvalProfile, path: Path, weights_sha256: str)
     moments = load_statistics(path)
     with np.load(path, allow_pickle=False) as data:
         made_with = str(data["extractor"]) if "extractor" in data.files else None
+        made_weights = str(data["weights_sha256"]) if "weights_sha256" in data.files else None
     if made_with is not None and made_with != profile.extractor:
         raise UserError(f"{path} holds {made_with} statistics; profile {profile.name} uses {profile.extractor}")
+    if made_weights is not None and made_weights != weights_sha256:  # moments of another network's features
+        raise UserError(f"{path} was made with {made_with or 'extractor'} weights {made_weights[:12]}, not the "
+                        f"{weights_sha256[:12]} in use; write it again with `mage-bench eval stats` or pass those "
+                        "weights")
     array = activations = None
     needs_images = bool(set(profile.metrics) & {"precision", "recall", "density", "coverage"})
     if needs_images:
@@ -173,8 +178,12 @@ def _statistics_reference(profile: EvalProfile, path: Path, weights_sha256: str)
         if profile.image_size is not None and array.shape[1:3] != (profile.image_size, profile.image_size):
             raise UserError(f"{path}: `arr_0` holds {array.shape[2]}x{array.shape[1]} images; profile "
                             f"{profile.name} pins {profile.image_size}x{profile.image_size}")
-    return Reference(None, str(path), "statistics", statistics=moments, array=array, activations=activations,
-                     fields={"reference": str(path.resolve()), "reference_sha256": digest})
+    reference = Reference(None, str(path), "statistics", statistics=moments, array=array, activations=activations,
+                          fields={"reference": str(path.resolve()), "reference_sha256": digest})
+    if profile.num_real is not None and reference.count not in (None, profile.num_real):
+        raise UserError(f"{path} holds {reference.count} reference samples; profile {profile.name} pins "
+                        f"{profile.num_real}")
+    return reference
 
 
 def _decode_settings(profile: EvalProfile, run: Any) -> tuple[int, float]:
@@ -238,8 +247,11 @@ def _streamed_images(profile: EvalProfile, run: Any, reference: Reference) -> St
     if profile.image_size is not None and side != profile.image_size:
         raise UserError(f"{run.path.name} generates {side}x{side} images; profile {profile.name} pins "
                         f"{profile.image_size}x{profile.image_size}")
-    identity = (f"generated:{run.checkpoint_sha256}:steps={steps}:temperature={temperature}:seed=0:"
-                f"png={run.config.generate.png}:batch={BATCH_SIZE}:{side}x{side}")
+    from mage_bench.results import config_hash
+
+    # The config hash names the tokenizer by its weights' content: the decoder is part of what makes the pixels
+    identity = (f"generated:{run.checkpoint_sha256}:{config_hash(run.config)}:steps={steps}:"
+                f"temperature={temperature}:seed=0:png={run.config.generate.png}:batch={BATCH_SIZE}:{side}x{side}")
     source = ImageSource(identity=identity, count=num, description=f"{num} images decoded by {run.path.name}",
                          render=lambda indices: render_uint8(run, indices, steps, temperature, seed=0))
     return Streamed(source, num, (side, side))
@@ -286,6 +298,9 @@ def evaluate_profile(fake: str | Path | Any, real: str | None, profile: EvalProf
     device = resolve_device(device)
     cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
     run = fake if isinstance(fake, LoadedRun) else (load_run(fake, device) if is_run else None)
+    if stream and run is None:
+        raise UserError("--stream-samples hands a run's images from its decoder to the extractor; --fake "
+                        f"{fake} is a folder of images: drop --stream-samples")
     fake_set = None if run is not None else scan_folder(fake)
     if fake_set is not None:
         _check_images(profile, fake_set, "--fake", profile.num_samples)
@@ -337,6 +352,8 @@ def evaluate_profile(fake: str | Path | Any, real: str | None, profile: EvalProf
     timings["metrics_s"] = round(time.perf_counter() - t0, 3)
     timings["total_s"] = round(time.perf_counter() - start, 3)
     common = {"profile": profile.name, "profile_hash": profile.hash, "profile_version": profile.version,
+              "profile_metrics": ",".join(profile.metrics), "profile_settings": profile.settings,
+              "sample_seed": 0 if run is not None else None,  # `generate_images`' seed of a run's images
               "backend": BACKEND, "n_real": reference.count, "standard_extractor": profile.standard,
               "weights_sha256": weights_sha256, "fake_size": f"{fake_set.size[0]}x{fake_set.size[1]}",
               "decode_steps": steps, "decode_temperature": temperature, "samples_streamed": isinstance(

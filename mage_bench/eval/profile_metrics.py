@@ -82,7 +82,8 @@ def _interval(estimate: float, values: np.ndarray) -> tuple[float, float, float]
     """(low, high, shift): the bootstrap distribution's 2.5-97.5 percentile spread placed around the estimate,
     and how far its median lies from the estimate. Resampling with replacement duplicates images, which adds
     to FD/KD/CMMD the same small-sample bias the estimate itself carries (a second time): the raw percentiles
-    move by that bias while their spread measures the sample-level uncertainty. `shift` shows the move."""
+    move by that bias while their spread measures the sample-level uncertainty. `shift` shows the move. Placed
+    around a small FD/KD/CMMD (a held-out floor near 0), `low` can be negative: it is a spread, not a bound."""
     low, median, high = np.percentile(values, [50 * (1 - LEVEL), 50, 100 - 50 * (1 - LEVEL)])
     return float(estimate + low - median), float(estimate + high - median), float(median - estimate)
 
@@ -154,7 +155,9 @@ def profile_metrics(profile: Any, real: Side, fake: Side, seed: int) -> dict[str
                             "statistics file holds moments only (LTH14/mar#91: never against mu/sigma)")
         from mage_bench.eval.prdc import prdc_per_sample
 
-        per_k = prdc_per_sample(real_x, fake_x, {profile.pr_k, profile.dc_k})
+        ks = {profile.pr_k for m in prdc_wanted if m in ("precision", "recall")}
+        ks |= {profile.dc_k for m in prdc_wanted if m in ("density", "coverage")}
+        per_k = prdc_per_sample(real_x, fake_x, ks)  # only the k a wanted metric uses (`check_sizes` checked it)
         for metric in prdc_wanted:
             k = profile.pr_k if metric in ("precision", "recall") else profile.dc_k
             terms[metric] = per_k[k][metric].double().numpy()

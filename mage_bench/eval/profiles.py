@@ -175,6 +175,8 @@ _builtin(name="adm", version=1,
          reference_preparation="ADM reference batch .npz (mu, sigma, arr_0: 10k uint8 images)",
          decode_steps=20, decode_temperature=6.0, bootstrap=0)
 # dgm-eval (Stein et al. 2023): DINOv2 ViT-L/14 features rank models as humans do far better than Inception.
+# Meta publishes no checksum of dinov2_vitl14_pretrain.pth: the weights are not pinned (records carry the sha256
+# of the file used; a user profile `base: dgm-eval` can pin it).
 _builtin(name="dgm-eval", version=1,
          description="dgm-eval: DINOv2 ViT-L/14 FD, KD, precision/recall (k=3), density/coverage (k=5)",
          extractor="dinov2-vit-l-14", metrics=("fid", "kid", "precision", "recall", "density", "coverage"),
@@ -184,7 +186,9 @@ _builtin(name="cmmd", version=1,
          description="CMMD: CLIP ViT-L/14-336 embeddings (unit norm), Gaussian RBF MMD (sigma 10, x1000, biased "
                      "estimator); torch-fidelity's resize to 336 (TF1 bilinear), not the published code's bicubic "
                      "centre crop",
-         extractor="clip-vit-l-14-336px", metrics=("cmmd",), num_samples=30_000, reference="folder",
+         extractor="clip-vit-l-14-336px", metrics=("cmmd",),
+         # OpenAI's ViT-L-14-336px.pt: the sha256 its download URL names and its loader checks
+         weights_sha256="3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", num_samples=30_000, reference="folder",
          decode_steps=20, decode_temperature=6.0, bootstrap=100)
 # The bundled digits: the digits-cnn classifier (trained here), never "FID". Every metric, all on CPU.
 _builtin(name="digits", version=1,

@@ -299,14 +299,17 @@ def _evaluate_profile(run: Any, settings: EvalConfig, data: DataConfig, data_nam
                       cache_dir: str | Path | None, progress: bool, sweep: str | None,
                       resume: bool) -> dict[str, list[dict[str, Any]]]:
     """RUN/eval/fid-<profile>.json: the generation metrics under the settings' evaluation profile."""
-    from mage_bench.eval.profile_eval import evaluate_profile, records_name
+    from mage_bench.eval.profile_eval import check_weights, evaluate_profile, records_name
     from mage_bench.results import config_hash, read_records
 
     profile = profile_for_runs(settings.profile)
     name = records_name(profile)
     split = (profile.real_split,)
+    # The weights by content: a replaced file (an unpinned profile's) must not let old records be read back
+    _, weights_sha256 = check_weights(profile, settings.weights, allow_download=True, progress=progress)
     inputs = evaluation_inputs(run, name, data, dataset_identities(data, split), settings, sweep,
-                               config_hash(run.config), ("weights",), profile=profile.describe())
+                               config_hash(run.config), ("weights",), profile=profile.describe(),
+                               weights_sha256=weights_sha256)
     written = {}
     if resume and inputs_match(run, name, inputs):
         written[name] = read_records(records_path(run, name))
@@ -321,7 +324,8 @@ def _evaluate_profile(run: Any, settings: EvalConfig, data: DataConfig, data_nam
         grid = decode_grid.parse_decode(settings.decode_grid)
         name = decode_grid.records_name(profile)
         inputs = evaluation_inputs(run, name, data, dataset_identities(data, split), settings, sweep,
-                                   config_hash(run.config), ("weights", "decode_grid"), profile=profile.describe())
+                                   config_hash(run.config), ("weights", "decode_grid"), profile=profile.describe(),
+                                   weights_sha256=weights_sha256)
         if resume and inputs_match(run, name, inputs):
             written[name] = read_records(records_path(run, name))
         else:

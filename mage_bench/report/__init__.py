@@ -71,7 +71,9 @@ def build_report(paths: list[str | Path], out_dir: str | Path) -> Path:
         "nonstandard": sorted(set(gen["feature_extractor"]) - {"inception-v3"}) if len(gen) else [],
         "extractors": extractors,
         "samples": {"generated": int(gen["n_samples"].max()) if len(gen) else None,
-                    "real": int(gen["n_real"].max()) if len(gen) and "n_real" in gen else None,
+                    # a statistics reference without reference samples has no real count
+                    "real": int(gen["n_real"].dropna().max()) if len(gen) and "n_real" in gen
+                    and gen["n_real"].notna().any() else None,
                     "test": int(results[results["evaluator"] == "linear"]["n_samples"].max())
                     if not results.empty and (results["evaluator"] == "linear").any() else None},
         "provenance": sweep.get("provenance") or _provenance_from(results),

@@ -74,15 +74,18 @@ HEADLINES = (
 )
 
 
-def profiles_of(results: pd.DataFrame, headline: Headline) -> list[str | None]:
-    """The evaluation profiles a generation headline's records were computed under (None: no profile), in
-    first-seen order."""
+def profiles_of(results: pd.DataFrame, headline: Headline) -> list[tuple[str | None, str | None]]:
+    """The evaluation profiles, as (name, profile_hash), a generation headline's records were computed under
+    ((None, None): no profile), in first-seen order. A name seen with two hashes (an edited user YAML, another
+    version of a built-in) is two protocols."""
     rows = headline_rows(results, headline)
     if rows.empty:
         return []
     if "profile" not in rows:
-        return [None]
-    return list(dict.fromkeys(None if pd.isna(p) else str(p) for p in rows["profile"]))
+        return [(None, None)]
+    hashes = rows["profile_hash"] if "profile_hash" in rows else pd.Series(None, index=rows.index)
+    return list(dict.fromkeys((None if pd.isna(p) else str(p), None if pd.isna(p) or pd.isna(h) else str(h))
+                              for p, h in zip(rows["profile"], hashes, strict=True)))
 
 
 def headlines(results: pd.DataFrame) -> list[Headline]:
@@ -96,16 +99,24 @@ def headlines(results: pd.DataFrame) -> list[Headline]:
             continue
         # Never a decoding sweep's records (`eval.decode_grid`): the report draws those apart (`report.decoding`)
         headline = Headline(headline.key, headline.evaluator, headline.metric, {**headline.where, "decode_grid": None})
-        for profile in profiles_of(results, headline) or [None]:
-            key = headline.key if profile is None else f"{headline.key}@{profile}"
-            out.append(Headline(key, headline.evaluator, headline.metric, {**headline.where, "profile": profile}))
+        found = profiles_of(results, headline) or [(None, None)]
+        for name, digest in found:
+            several = sum(n == name for n, _ in found) > 1  # one name, two protocols: the hash tells them apart
+            key = headline.key if name is None else f"{headline.key}@{name}" + (f"[{digest}]" if several else "")
+            where = {**headline.where, "profile": name}
+            if name is not None:
+                where["profile_hash"] = digest
+            out.append(Headline(key, headline.evaluator, headline.metric, where))
     return out
 
 
 def headline_label(headline: Headline, extractors: set[str]) -> str:
     """The declared label; generation metrics name their extractor unless it is the standard one."""
-    qualifier = ", ".join(f"{k}={v}" if k != "profile" else f"profile {v}" for k, v in headline.where.items()
-                          if v is not None)
+    where = dict(headline.where)
+    digest = where.pop("profile_hash", None)
+    if where.get("profile") is not None and "[" in headline.key:  # a name seen with several hashes
+        where["profile"] = f"{where['profile']} [{str(digest)[:8]}]"
+    qualifier = ", ".join(f"{k}={v}" if k != "profile" else f"profile {v}" for k, v in where.items() if v is not None)
     return headline.declaration.display(extractors, standard=extractors <= standard_extractors(),
                                         qualifier=qualifier)
 
@@ -211,10 +222,11 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
 
     `mask` (inpaint records) keeps different masks of one metric apart; records without one (every other
     evaluator) group as before, their key columns held by a placeholder only while grouping."""
-    keys = [c for c in ("role", "point", "evaluator", "metric", "feature_extractor", "profile", "decode_grid",
+    keys = [c for c in ("role", "point", "evaluator", "metric", "feature_extractor", "profile", "profile_hash",
+                        "decode_grid",
                         "decode_steps", "decode_temperature", "k", "shots", "mask", "layer", "pooling") if c in results]
     # groupby drops rows whose key is NaN: fill each optional key with a value it never takes, then undo.
-    placeholders = {"profile": "", "decode_grid": "", "decode_steps": -1, "decode_temperature": -1.0, "k": -1,
+    placeholders = {"profile": "", "profile_hash": "", "decode_grid": "", "decode_steps": -1, "decode_temperature": -1.0, "k": -1,
                     "shots": -1, "mask": "", "layer": -1, "pooling": ""}
     frame = results.copy()
     for column, placeholder in placeholders.items():

@@ -2,8 +2,8 @@
 count, one panel per sweep point, the best setting marked (never imports torch).
 
 Reads the records of `eval.decode_grid` (RUN/eval/fid-<profile>-decode.json: `decode_grid` true, with
-`decode_steps` and `decode_temperature`). Each profile gets its own figure (numbers of two profiles never share
-an axis); the metric drawn is the profile's first in declared order (FD/FID where it has one). Values are the
+`decode_steps` and `decode_temperature`). Each profile (name and hash) gets its own figure (numbers of two
+profiles never share an axis); the metric drawn is the profile's first. Values are the
 mean over seeds, error bars their std (ddof 1), so the best setting is only as sure as the spread beside it.
 """
 
@@ -18,7 +18,7 @@ from mage_bench.eval.extractors import standard_extractors
 from mage_bench.eval.fid_backends import METRICS
 from mage_bench.report.figures import png, pyplot, short
 
-NEEDED = ("decode_grid", "decode_steps", "decode_temperature", "profile")
+NEEDED = ("decode_grid", "decode_steps", "decode_temperature", "profile", "profile_hash")
 
 
 def grid_rows(results: pd.DataFrame) -> pd.DataFrame:
@@ -63,24 +63,37 @@ def _figure(data: pd.DataFrame, points: list[str], label: str, higher: bool) -> 
     return png(fig)
 
 
+def _first_metric(data: pd.DataFrame) -> Any:
+    """The profile's first metric (its records' `profile_metrics`), else the first declared one present."""
+    declared = {m.key: m for m in METRICS}
+    listed = data["profile_metrics"].dropna() if "profile_metrics" in data else pd.Series(dtype=object)
+    for key in (str(listed.iloc[0]).split(",") if len(listed) else []):
+        if key in declared and (data["metric"] == key).any():
+            return declared[key]
+    return next(m for m in METRICS if (data["metric"] == m.key).any())
+
+
 def section(results: pd.DataFrame, points: list[str]) -> list[dict[str, Any]] | None:
     """One figure (and best-setting table) per profile with decode-grid records; None without any."""
     rows = grid_rows(results)
     if rows.empty:
         return None
     out = []
-    for profile in sorted(set(rows["profile"].dropna())):
-        data = rows[rows["profile"] == profile]
-        metric = next(m for m in METRICS if (data["metric"] == m.key).any())
+    protocols = list(dict.fromkeys(zip(rows["profile"], rows["profile_hash"], strict=True)))
+    for profile, digest in protocols:
+        data = rows[(rows["profile"] == profile) & (rows["profile_hash"] == digest)]
+        metric = _first_metric(data)
         data = data[data["metric"] == metric.key]
         extractors = set(data["feature_extractor"])
-        label = f"{metric.display(extractors, standard=extractors <= standard_extractors())} (profile {profile})"
+        several = sum(p == profile for p, _ in protocols) > 1
+        name = f"{profile} [{str(digest)[:8]}]" if several else profile
+        label = f"{metric.display(extractors, standard=extractors <= standard_extractors())} (profile {name})"
         higher = metric.higher_is_better
         best = []
         for point in [p for p in points if (data["point"] == p).any()] or sorted(set(data["point"])):
             steps, temperature, value = best_setting(data[data["point"] == point], higher)
             best.append({"point": point, "steps": steps, "temperature": temperature, "value": f"{value:.4g}"})
-        out.append({"profile": profile, "label": label, "png": _figure(data, points, label, higher), "best": best,
+        out.append({"profile": name, "label": label, "png": _figure(data, points, label, higher), "best": best,
                     "settings": int(data.groupby(["decode_steps", "decode_temperature"]).ngroups),
                     "seeds": int(data["seed"].nunique()), "n": int(data["n_samples"].max())})
     return out

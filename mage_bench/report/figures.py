@@ -116,7 +116,9 @@ def tradeoff_figure(results: pd.DataFrame, points: list[str]) -> Figure | None:
     plt = pyplot()
     # FD/FID of one profile only (the first present: records of no profile come first)
     fid = next((h for h in headlines(results) if h.metric == "fid" and h.generation and not select(results, h).empty),
-               HEADLINES[4])
+               None)  # no fallback to unfiltered records: they could mix profiles and decoding settings
+    if fid is None:
+        return None
     gen, rep = select(results, fid), select(results, HEADLINES[0])
     if gen.empty or rep.empty:
         return None

@@ -101,8 +101,10 @@ def _final_means(results: pd.DataFrame, proxy: Proxy, extractors: set[str]) -> t
     base = next(h for h in HEADLINES if h.key == proxy.final)
     # One profile's records only (records of no profile first): numbers of two profiles never share an axis
     headline = next((h for h in headlines(results) if (h.evaluator, h.metric) == (base.evaluator, base.metric)
-                     and not select(results, h).empty), base)
-    records = select(results, headline) if not results.empty else results
+                     and not select(results, h).empty), None)  # no fallback: unfiltered records could mix protocols
+    if headline is None:
+        return pd.Series(dtype=float), base.key, f"no final {base.key} records to compare with"
+    records = select(results, headline)
     if records.empty:
         return pd.Series(dtype=float), headline.key, f"no final {headline.key} records to compare with"
     records = records[records["role"] == "run"]
