@@ -8,6 +8,7 @@ hub model's forward on the raw official state_dict, for CLIP the TorchScript arc
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -483,3 +484,43 @@ def test_clip_files_in_another_format_are_user_errors(tmp_path, hub):
         torch.jit.script(torch.nn.Linear(2, 2)).save(str(other))
     with pytest.raises(UserError, match="hold no CLIP ViT image tower .*visual.proj"):
         resolve_clip_weights(str(other))
+
+
+@pytest.mark.parametrize("base", ["dgm-eval", "cmmd"])
+def test_the_dgm_eval_and_cmmd_profiles_run_end_to_end_on_tiny_weights(base, tmp_path, hub, monkeypatch):
+    """The built-in profiles' whole path (checks, one cached feature pass per side, every metric, bootstrap) on
+    tiny random weights of the official formats; only the ViT-L size check is lifted for the tiny files."""
+    import dataclasses
+    import functools
+
+    import yaml
+
+    from mage_bench.eval import foundation_extractors as fe
+    from mage_bench.eval.cmmd import cmmd
+    from mage_bench.eval.extractors import FID_EXTRACTORS
+    from mage_bench.eval.profile_eval import evaluate_profile
+
+    name, resolve, write = {"dgm-eval": ("dinov2-vit-l-14", fe.resolve_dinov2_weights, write_tiny_dinov2),
+                            "cmmd": ("clip-vit-l-14-336px", fe.resolve_clip_weights, write_tiny_clip)}[base]
+    weights = write(tmp_path / "tiny.pt")
+    tiny = dataclasses.replace(FID_EXTRACTORS.get(name),
+                               resolve_weights=functools.partial(resolve, check_architecture=False))
+    monkeypatch.setitem(FID_EXTRACTORS._items, name, tiny)
+    real, fake = tmp_path / "real", tmp_path / "fake"
+    _png_images(real.mkdir() or real, count=12, size=(32, 32), seed=1)
+    _png_images(fake.mkdir() or fake, count=12, size=(32, 32), seed=2)
+    profile = tmp_path / f"tiny-{base}.yaml"
+    profile.write_text(yaml.safe_dump({"base": base, "weights_sha256": "", "num_samples": 12, "num_real": 12,
+                                       "bootstrap": 10, "kid_subsets": 5}))
+    records = {r["metric"]: r for r in evaluate_profile(fake, str(real), str(profile), weights=str(weights),
+                                                        cache_dir=tmp_path / "cache")}
+    expected = {"dgm-eval": {"fid", "kid", "precision", "recall", "density", "coverage"}, "cmmd": {"cmmd"}}[base]
+    assert set(records) == expected and all(np.isfinite(r["value"]) for r in records.values())
+    for r in records.values():
+        assert r["feature_extractor"] == name and r["ci_low"] <= r["value"] <= r["ci_high"], r
+    if base == "cmmd":  # CMMD of the unit-norm embeddings, as the published code takes them
+        features = {json.loads((d / "meta.json").read_text())["images"].split(":")[1]: np.load(d / "features.npy")
+                    for d in (tmp_path / "cache" / "features").iterdir()}
+        x, y = (fe.clip_embedding_for_cmmd(features[str(real.resolve())].astype(np.float64)),
+                fe.clip_embedding_for_cmmd(features[str(fake.resolve())].astype(np.float64)))
+        assert records["cmmd"]["value"] == pytest.approx(cmmd(x, y), rel=1e-12)

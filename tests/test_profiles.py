@@ -122,13 +122,18 @@ def test_digits_profile_metrics_agree_with_torch_fidelity_and_prdc(digits_sets, 
     register_with_torch_fidelity()
     real = dataset_reference(DataConfig(), "train", cache).folder
     reference = torch_fidelity.calculate_metrics(
-        input1=str(fake), input2=str(real), fid=True, kid=True, isc=True, cuda=False, feature_extractor="digits-cnn",
+        input1=str(fake), input2=str(real), fid=True, kid=True, isc=True, prc=True, prc_neighborhood=3, cuda=False,
+        feature_extractor="digits-cnn",
         feature_extractor_weights_path=str(weights), kid_subset_size=360, kid_subsets=10, rng_seed=0,
         save_cpu_ram=True, verbose=False)
     assert records["fid"]["value"] == pytest.approx(reference["frechet_inception_distance"], rel=1e-6)
     assert records["kid"]["value"] == pytest.approx(reference["kernel_inception_distance_mean"], rel=1e-9)
     assert records["kid"]["std"] == pytest.approx(reference["kernel_inception_distance_std"], rel=1e-9)
     assert records["is"]["value"] == pytest.approx(reference["inception_score_mean"], rel=1e-9)
+    # torch-fidelity counts a sample on a ball's edge as inside, prdc as outside: the same counts without repeated
+    # features (its shares are float32 means: 1e-6 is far below one sample in 360)
+    assert records["precision"]["value"] == pytest.approx(reference["precision"], abs=1e-6)
+    assert records["recall"]["value"] == pytest.approx(reference["recall"], abs=1e-6)
 
     # PRDC against the prdc package on the cached features (k=3 for precision/recall, k=5 for density/coverage)
     features = {json.loads((d / "meta.json").read_text())["images"].split(":")[0]: np.load(d / "features.npy")
@@ -222,6 +227,18 @@ def test_eval_stats_file_as_the_reference_gives_the_same_numbers(tmp_path, digit
     statistics = json.loads(capsys.readouterr().out)
     assert [r["value"] for r in statistics] == pytest.approx([r["value"] for r in images], rel=1e-9)
     assert statistics[0]["split"] == "statistics" and len(statistics[0]["reference_sha256"]) == 64
+    # torch-fidelity's own statistics format (its cache's .pt: a dict of NumPy arrays) as the reference of FD
+    from torch_fidelity.utils_torch import torch_atomic_save
+
+    with np.load(stats) as data:
+        torch_atomic_save({"mu": data["mu"], "sigma": data["sigma"]}, str(tmp_path / "digits-train.pt"))
+    fd_only = _yaml(tmp_path / "fd-stats.yaml", base="digits", metrics=["fid"], bootstrap=0, reference="statistics",
+                    reference_data="")
+    assert main([*args, "--profile", str(fd_only), "--real", str(tmp_path / "digits-train.pt")]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["value"] == pytest.approx(images[0]["value"], rel=1e-9)
+    torch.save({"mu": np.zeros(3), "sigma": Image.new("RGB", (1, 1))}, tmp_path / "code.pt")  # not plain arrays
+    assert main([*args, "--profile", str(fd_only), "--real", str(tmp_path / "code.pt")]) == 2
+    assert "cannot read" in capsys.readouterr().err
 
 
 def test_adm_style_batch_gives_precision_from_its_images_and_refuses_other_networks(tmp_path, digits_sets,

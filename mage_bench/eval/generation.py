@@ -72,8 +72,8 @@ def _checked_flags(settings: EvalConfig, real: str, flags: tuple[str, ...]) -> t
             raise UserError(f"--real {real} is a statistics file: the generated images' features come from "
                             f"torch-fidelity's pipeline, not {settings.backend}; drop --backend")
     elif not Path(real).is_dir() and DatasetSpec.parse(real).name not in DATASETS:
-        raise UserError(f"--real {real!r} is neither a folder, a data set ({', '.join(DATASETS.names())}) nor an "
-                        ".npz statistics file")
+        raise UserError(f"--real {real!r} is neither a folder, a data set ({', '.join(DATASETS.names())}) nor a "
+                        "statistics file (.npz, or torch-fidelity's .pt)")
     return flags, FID_EXTRACTORS.get(settings.extractor or default_extractor(real))
 
 

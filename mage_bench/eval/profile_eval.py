@@ -55,16 +55,16 @@ class Reference:
 
 def _check_real_argument(profile: EvalProfile, real: str | None, fake_is_run: bool) -> None:
     """`--real` as the profile's reference kind expects it (nothing is read)."""
-    from mage_bench.eval.statistics import STATISTICS_SUFFIX
+    from mage_bench.eval.statistics import is_statistics_file
 
     kind = profile.reference
     if kind == "folder" and (not real or not Path(real).is_dir()):
         raise UserError(f"profile {profile.name} compares against a folder of reference PNGs"
                         f"{f' ({profile.reference_preparation})' if profile.reference_preparation else ''}: "
                         f"give it with --real DIR" + (f" ({real} is not a folder)" if real else ""))
-    if kind == "statistics" and (not real or Path(real).suffix != STATISTICS_SUFFIX or not Path(real).is_file()):
+    if kind == "statistics" and (not real or not is_statistics_file(real)):
         raise UserError(f"profile {profile.name} compares against a statistics file ({profile.reference_preparation}"
-                        f"): give it with --real FILE.npz" + (f" ({real} is not one)" if real else ""))
+                        f"): give it with --real FILE.npz|FILE.pt" + (f" ({real} is not one)" if real else ""))
     if kind == "dataset":
         if profile.reference_data and real and real != profile.reference_data:
             raise UserError(f"profile {profile.name} pins the reference data set {profile.reference_data}; drop "
@@ -145,7 +145,7 @@ def _statistics_reference(profile: EvalProfile, path: Path, weights_sha256: str)
     weights) or its `arr_0` (the reference images of an ADM batch, run through the extractor here)."""
     import numpy as np
 
-    from mage_bench.eval.statistics import load_statistics, reference_activations
+    from mage_bench.eval.statistics import STATISTICS_SUFFIX, load_statistics, reference_activations
     from mage_bench.io import sha256_file
 
     digest = sha256_file(path)
@@ -153,9 +153,11 @@ def _statistics_reference(profile: EvalProfile, path: Path, weights_sha256: str)
         raise UserError(f"{path} (sha256 {digest[:12]}...) is not the reference profile {profile.name} pins "
                         f"({profile.reference_sha256}...)")
     moments = load_statistics(path)
-    with np.load(path, allow_pickle=False) as data:
-        made_with = str(data["extractor"]) if "extractor" in data.files else None
-        made_weights = str(data["weights_sha256"]) if "weights_sha256" in data.files else None
+    made_with = made_weights = None  # torch-fidelity's .pt files hold mu and sigma only
+    if path.suffix == STATISTICS_SUFFIX:
+        with np.load(path, allow_pickle=False) as data:
+            made_with = str(data["extractor"]) if "extractor" in data.files else None
+            made_weights = str(data["weights_sha256"]) if "weights_sha256" in data.files else None
     if made_with is not None and made_with != profile.extractor:
         raise UserError(f"{path} holds {made_with} statistics; profile {profile.name} uses {profile.extractor}")
     if made_weights is not None and made_weights != weights_sha256:  # moments of another network's features
@@ -164,6 +166,9 @@ def _statistics_reference(profile: EvalProfile, path: Path, weights_sha256: str)
                         "weights")
     array = activations = None
     needs_images = bool(set(profile.metrics) & {"precision", "recall", "density", "coverage"})
+    if needs_images and path.suffix != STATISTICS_SUFFIX:
+        raise UserError(f"{path} holds mu and sigma only: precision/recall/density/coverage need the reference's "
+                        "samples (an ADM batch's arr_0 or `eval stats` activations, never moments: LTH14/mar#91)")
     if needs_images:
         activations = reference_activations(path, profile.extractor, weights_sha256)
     if needs_images and activations is None:

@@ -85,7 +85,9 @@ def _interval(estimate: float, values: np.ndarray) -> tuple[float, float, float]
     move by that bias while their spread measures the sample-level uncertainty. `shift` shows the move. Placed
     around a small FD/KD/CMMD (a held-out floor near 0), `low` can be negative: it is a spread, not a bound."""
     low, median, high = np.percentile(values, [50 * (1 - LEVEL), 50, 100 - 50 * (1 - LEVEL)])
-    return float(estimate + low - median), float(estimate + high - median), float(median - estimate)
+    # min/max: a zero spread must give [estimate, estimate] exactly, not a rounding error either side
+    return (min(float(estimate + low - median), estimate), max(float(estimate + high - median), estimate),
+            float(median - estimate))
 
 
 def _polynomial_mmd_resampled(x: np.ndarray, y: np.ndarray, wx: np.ndarray, wy: np.ndarray) -> np.ndarray:

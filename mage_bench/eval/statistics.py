@@ -18,16 +18,39 @@ import numpy as np
 
 from mage_bench.errors import UserError
 
-STATISTICS_SUFFIX = ".npz"
+STATISTICS_SUFFIX = ".npz"  # ADM batches, clean-fid statistics, `eval stats`
+TORCH_FIDELITY_SUFFIX = ".pt"  # torch-fidelity's cached statistics: {"mu", "sigma"} NumPy arrays through torch.save
+STATISTICS_SUFFIXES = (STATISTICS_SUFFIX, TORCH_FIDELITY_SUFFIX)
 
 
 def is_statistics_file(real: str | Path) -> bool:
-    return Path(real).suffix == STATISTICS_SUFFIX and Path(real).is_file()
+    return Path(real).suffix in STATISTICS_SUFFIXES and Path(real).is_file()
+
+
+def _torch_fidelity_statistics(path: Path) -> tuple[Any, Any]:
+    """mu, sigma of a torch-fidelity statistics file (`<input>-<extractor>-stat-fid-<layer>.pt` in its cache),
+    loaded with weights_only=True and only NumPy's array types allowed: the file is data, never code."""
+    import torch
+
+    allowed = [np.ndarray, np.dtype, np._core.multiarray._reconstruct, type(np.dtype(np.float32)),
+               type(np.dtype(np.float64))]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torch pickle of anything else: one line, not a traceback
+        raise UserError(f"cannot read {path} as torch-fidelity statistics ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not {"mu", "sigma"} <= set(data):
+        raise UserError(f"{path} is not torch-fidelity statistics (a dict of `mu` and `sigma`)")
+    return np.asarray(data["mu"]), np.asarray(data["sigma"])
 
 
 def load_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(mu [D], sigma [D, D]) in float64 from an .npz holding `mu` and `sigma`; a `UserError` naming what is
-    wrong otherwise (pickled objects are refused: the file is data, never code)."""
+    """(mu [D], sigma [D, D]) in float64 from an .npz holding `mu` and `sigma`, or a torch-fidelity statistics
+    .pt; a `UserError` naming what is wrong otherwise (pickled objects are refused: the file is data, never
+    code)."""
+    if Path(path).suffix == TORCH_FIDELITY_SUFFIX:
+        mu, sigma = (np.asarray(a, dtype=np.float64) for a in _torch_fidelity_statistics(Path(path)))
+        return _checked(path, mu, sigma)
     try:
         with np.load(path, allow_pickle=False) as data:
             keys = set(data.files)
@@ -37,6 +60,10 @@ def load_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {path} as an .npz statistics file: {exc}") from None
+    return _checked(path, mu, sigma)
+
+
+def _checked(path: str | Path, mu: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise UserError(f"{path}: `mu` must be [D] and `sigma` [D, D], got {mu.shape} and {sigma.shape}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
