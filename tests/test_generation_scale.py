@@ -288,7 +288,8 @@ def test_check_generation_inputs_never_downloads_and_says_how_to_provide_weights
     for settings, real, flags, expected in [
         (EvalConfig(backend="clean-fid"), "digits", ("fid", "isc"), "clean-fid computes"),
         (EvalConfig(), "digits", ("fid", "lpips"), "unknown generation metric"),
-        (EvalConfig(), "no/such/folder", ("fid",), "neither a folder, a data set .* nor an .npz statistics file"),
+        (EvalConfig(), "no/such/folder", ("fid",),
+         "neither a folder, a data set .* nor a statistics file \\(.npz, or torch-fidelity.s .pt\\)"),
         (EvalConfig(weights=str(tmp_path / "absent.pt")), "digits", ("fid",), "absent.pt"),
     ]:
         with pytest.raises(UserError, match=expected):

@@ -8,7 +8,7 @@ decodes a run's images into RUN/samples (skipping those already there); `evaluat
 renders the real side, computes through the backend (`fid_backends`) and builds the records.
 
 `--fake` is a folder or a run folder; `--real` is a folder, a data set (its split written once as
-PNGs into the cache, with the run's own data settings when the fake side is a run) or an .npz statistics file
+PNGs into the cache, with the run's own data settings when the fake side is a run) or a statistics file (.npz, .pt)
 (`eval.statistics`: FID against published moments, e.g. an ADM reference batch).
 """
 
@@ -41,7 +41,7 @@ class GenerationPlan:
     cache: Path
     run: Any | None  # a LoadedRun when the fake side is a run
     fake: ImageSet | None  # the fake folder (None for a run: its samples come later)
-    statistics: tuple[Any, Any] | None = None  # (mu, sigma) when the real side is an .npz statistics file
+    statistics: tuple[Any, Any] | None = None  # (mu, sigma) when the real side is a statistics file
 
 
 def default_extractor(real: str) -> str:
