@@ -68,6 +68,17 @@ def sweep_evaluation(run_dir: Path, spec: Any, runs_dir: Path, device: str) -> E
     return EvaluationJob(run_dir, spec.eval, spec.name, runs_dir / SHARED_DIR / "cache", device)
 
 
+def _digits_cnn_pending(extractor: str, settings: Any, dry_run: bool) -> str | None:
+    """What a dry run shows for digits-cnn weights still to be trained at their default place (it trains
+    nothing); None when they exist, are given, another extractor is used, or this is no dry run."""
+    from mage_bench.eval.extractors import DIGITS_CNN_DIR, DIGITS_CNN_FILE
+
+    weights = DIGITS_CNN_DIR / DIGITS_CNN_FILE
+    if dry_run and extractor == "digits-cnn" and not settings.weights and not weights.is_file():
+        return f"{weights} (digits-cnn: trained there on first use)"
+    return None
+
+
 def check_evaluation_inputs(settings: Any, reals: Iterable[str], dry_run: bool = False) -> list[str]:
     """The FID extractor weights of each real side (data set) the sweep evaluates against, resolved with
     the backend and metric flags before anything runs (no run loaded; downloaded now when missing and
@@ -75,7 +86,6 @@ def check_evaluation_inputs(settings: Any, reals: Iterable[str], dry_run: bool =
     for the dry run to show.
 
     digits-cnn weights are trained locally on first use (~15 s, no network): a dry run only says so."""
-    from mage_bench.eval.extractors import DIGITS_CNN_DIR, DIGITS_CNN_FILE
     from mage_bench.eval.generation import check_generation_inputs, default_extractor
 
     weights = []
@@ -92,9 +102,9 @@ def check_evaluation_inputs(settings: Any, reals: Iterable[str], dry_run: bool =
             except UserError as exc:
                 raise UserError(f"eval.decode_grid: {exc}") from None
         for real in dict.fromkeys(reals):
-            if dry_run and profile.extractor == "digits-cnn" and not settings.weights and not (
-                    DIGITS_CNN_DIR / DIGITS_CNN_FILE).is_file():
-                weights.append(f"{DIGITS_CNN_DIR / DIGITS_CNN_FILE} (digits-cnn: trained there on first use)")
+            pending = _digits_cnn_pending(profile.extractor, settings, dry_run)
+            if pending:
+                weights.append(pending)
                 continue
             try:
                 weights.append(str(check_profile_inputs(profile, real, settings.weights, fake_is_run=True,
@@ -103,9 +113,9 @@ def check_evaluation_inputs(settings: Any, reals: Iterable[str], dry_run: bool =
                 raise UserError(f"{exc} (in a sweep spec: eval.profile and eval.weights)") from None
         return list(dict.fromkeys(weights))
     for real in dict.fromkeys(reals):
-        default_digits_cnn = (settings.extractor or default_extractor(real)) == "digits-cnn" and not settings.weights
-        if dry_run and default_digits_cnn and not (DIGITS_CNN_DIR / DIGITS_CNN_FILE).is_file():
-            weights.append(f"{DIGITS_CNN_DIR / DIGITS_CNN_FILE} (digits-cnn: trained there on first use)")
+        pending = _digits_cnn_pending(settings.extractor or default_extractor(real), settings, dry_run)
+        if pending:
+            weights.append(pending)
         else:
             try:  # a dry run fetches nothing; a real sweep downloads missing weights now, before any training
                 weights.append(str(check_generation_inputs(settings, real, GENERATION_FLAGS,
