@@ -484,15 +484,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     slurm = {"partition": args.partition, "gpus_per_node": args.gpus, "timeout_min": args.time_min,
              "mem_gb": args.mem_gb}
+    local = {"workers": args.workers, "threads": args.threads}
     summary = run_sweep(args.spec, preset=args.preset, executor=args.executor, runs_dir=args.runs,
-                        report_dir=args.out, dry_run=args.dry_run, progress=_progress_enabled(args), slurm=slurm)
+                        report_dir=args.out, dry_run=args.dry_run, progress=_progress_enabled(args), slurm=slurm,
+                        local=local)
     if args.dry_run:
         _emit(args, summary, summary["table"])
         return 0
     t = summary["timings"]
     breakdown = ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in t.items())
+    workers = summary["executor"].get("workers", 1)
+    summed = f"; train, generation and evaluation summed over {workers} runs side by side" if workers > 1 else ""
     human = (f"sweep {summary['sweep']}: {summary['runs'] - summary['failed']}/{summary['runs']} runs done in "
-             f"{summary['total_s']:.0f} s ({breakdown})\nreport: {summary['report']}")
+             f"{summary['total_s']:.0f} s ({breakdown}{summed})\nreport: {summary['report']}")
     if summary["failed"]:
         human += "\nfailed runs:\n" + "\n".join(f"  {run}: {error}" for run, error in summary["errors"].items())
     _emit(args, summary, human)
@@ -700,6 +704,15 @@ def _add_eval_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def _workers_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a positive integer or auto, not {text!r}") from None
+
+
 def _add_sweep_parser(sub: Any) -> None:
     p = sub.add_parser(
         "sweep", help="run a sweep spec (train, evaluate every run) and write its report",
@@ -714,6 +727,12 @@ def _add_sweep_parser(sub: Any) -> None:
     p.add_argument("spec", help="masking | drop | contrastive | masking-x-contrastive | PATH.yaml")
     p.add_argument("--preset", help="tiny (default) | digits | cifar10 | paper, or one of the spec's own")
     p.add_argument("--executor", help="local (default) | torchrun | slurm")
+    p.add_argument("--workers", type=_workers_arg,
+                   help="local: runs side by side, each in its own process: N or auto (one per --threads cores "
+                        "on the CPU); default: the spec's executor.workers")
+    p.add_argument("--threads", type=int,
+                   help="local, on the CPU: torch threads of each run (its last bits depend on them); default: "
+                        "the spec's executor.threads")
     p.add_argument("--runs", help="run folders (default runs/<sweep>)")
     p.add_argument("--out", help="report folder (default reports/<sweep>)")
     p.add_argument("--dry-run", action="store_true",

@@ -3,7 +3,10 @@
 Each run has two stages (`mage_bench.run_job`): training, then evaluation (generation and `eval all`)
 on one process and one device. A DONE run is skipped, a trained one goes straight to evaluation, and
 evaluation skips the evaluators whose records exist.
-- `local`: one run after another in this process, both stages.
+- `local`: both stages of a run in one process: one run after another in this process, or, with
+  `executor.workers` > 1, that many runs side by side in worker processes (concurrent.futures, spawned),
+  each with `executor.threads` torch threads on the CPU. A tiny model's kernels are too small to keep two
+  cores busy; two runs on one core each are ~1.4x the throughput of one run on two (2-core machine).
 - `torchrun`: each run's training as a multi-process DDP job on this node (torch.distributed.run,
   `executor.nproc_per_node` processes), then its evaluation in a one-process subprocess, so that no GPU
   memory it cached stays behind while the next run trains.
@@ -18,8 +21,10 @@ evaluation skips the evaluators whose records exist.
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +46,7 @@ class SweepContext:
     device: str = "cpu"
     timings: dict[str, float] = field(default_factory=dict)
     differs: dict[str, Any] = field(default_factory=dict)  # mage_bench.confounds.check_confounds
+    layout: dict[str, Any] = field(default_factory=dict)  # local: the workers and threads it ran with
 
     @property
     def cache(self) -> Path:
@@ -75,8 +81,98 @@ def _one_after_another(ctx: SweepContext, plans: list[Any], train_command: list[
     return outcomes
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. under Slurm or taskset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def local_layout(options: Any, on_cpu: bool, pending: int) -> tuple[int, int | None]:
+    """(worker processes, torch threads per run) of the local executor for `pending` runs still to do.
+
+    Threads apply on the CPU only (a GPU run keeps torch's default for its host-side work) and never
+    depend on `pending`: a resumed sweep computes with the threads its first runs had. Workers beyond the
+    runs to do would idle, so they are capped by `pending`; "auto" is one per `threads` cores on the CPU
+    and one on a GPU (the runs would share it).
+    """
+    threads = options.threads if on_cpu else None
+    if options.workers == "auto":
+        workers = cpu_cores() // (threads or cpu_cores()) if on_cpu else 1
+    else:
+        workers = options.workers
+    return max(1, min(workers, pending)), threads
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """`threads` torch threads inside the block (None: unchanged), restored after it."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _worker_init(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def side_by_side(ctx: SweepContext, plans: list[Any], workers: int, threads: int | None,
+                 job: Callable[..., dict[str, Any]] = execute_run) -> list[dict[str, Any]]:
+    """Each run's two stages (`job`, picklable) in one of `workers` spawned processes (spawn, not fork: a
+    forked copy of a process whose OpenMP pool has run can hang); outcomes in plan order. A worker that
+    dies (killed, out of memory) fails its run and the ones still queued; they resume on the next
+    invocation."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    outcomes: dict[str, dict[str, Any]] = {}
+    context = multiprocessing.get_context("spawn")
+    with _bar(ctx, len(plans)) as bar, ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                                                           initargs=(threads,)) as pool:
+        bar.set_postfix_str(f"{workers} runs side by side")
+        futures = {pool.submit(job, plan, ctx.spec, ctx.runs_dir, ctx.device, False): plan for plan in plans}
+        for future in as_completed(futures):
+            plan = futures[future]
+            try:
+                outcomes[plan.name] = future.result()
+            except Exception as exc:  # the worker process itself died; execute_run records its own failures
+                outcomes[plan.name] = {"run": plan.name, "status": "failed",
+                                       "error": f"worker process: {str(exc) or type(exc).__name__}"}
+            bar.update(1)
+    return [outcomes[plan.name] for plan in plans]
+
+
+def planned_layout(ctx: SweepContext, plans: list[Any]) -> tuple[int, int | None]:
+    """The local executor's (workers, threads) for the runs of `plans` not DONE yet."""
+    import torch
+
+    def cpu(name: str) -> bool:  # never raises: a dry run of a GPU preset may be made on a laptop
+        return name == "cpu" or (name == "auto" and not torch.cuda.is_available())
+
+    on_cpu = cpu(ctx.device) and all(cpu(plan.config.train.device) for plan in plans)
+    pending = sum(not (ctx.runs_dir / plan.name / DONE_FILE).is_file() for plan in plans)
+    return local_layout(ctx.spec.executor, on_cpu, pending)
+
+
 def run_local(ctx: SweepContext, plans: list[Any]) -> list[dict[str, Any]]:
-    return _one_after_another(ctx, plans)
+    workers, threads = planned_layout(ctx, plans)
+    ctx.layout = {"workers": workers, "threads": threads}
+    if workers > 1:
+        return side_by_side(ctx, plans, workers, threads)
+    with torch_threads(threads):
+        return _one_after_another(ctx, plans)
 
 
 def run_torchrun(ctx: SweepContext, plans: list[Any]) -> list[dict[str, Any]]:

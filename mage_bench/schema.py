@@ -40,7 +40,12 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], path)
+        for alternative in inner[1:]:  # e.g. `int | str` ("auto"): the first alternative the value is
+            try:
+                return _coerce(value, alternative, path)
+            except ConfigError:
+                continue
+        return _coerce(value, inner[0], path)  # none fits: the first alternative's error
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path} must be a mapping of {hint.__name__} keys, not {type(value).__name__}")

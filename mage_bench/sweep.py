@@ -21,7 +21,7 @@ from typing import Any
 from mage_bench.config import to_dict
 from mage_bench.confounds import check_confounds, format_table
 from mage_bench.errors import UserError
-from mage_bench.executors import EXECUTORS, SweepContext
+from mage_bench.executors import EXECUTORS, SweepContext, planned_layout
 from mage_bench.run_job import (
     GENERATION_FLAGS,
     check_evaluation_inputs,
@@ -247,11 +247,21 @@ def dry_run_table(ctx: SweepContext, plans: list[RunPlan], weights: list[str] | 
     else:
         tok_state = "missing: import or train it first" if ctx.spec.tokenizer.path else "would be trained"
     lines += ["", format_table(ctx.differs), "", launch_line(ctx.spec, plans[0].config)]
-    lines += ["", f"would execute: {pending} of {len(plans)} runs with the {ctx.spec.executor.name} executor; "
+    how = ""
+    if ctx.spec.executor.name == "local":
+        how = layout_words(*planned_layout(ctx, plans))
+    lines += ["", f"would execute: {pending} of {len(plans)} runs with the {ctx.spec.executor.name} executor{how}; "
               f"tokenizer {tokenizer} ({tok_state}); report to {ctx.report_dir}"]
     if weights:
         lines.append(f"FID extractor weights: {'; '.join(weights)}")
     return "\n".join(lines)
+
+
+def layout_words(workers: int, threads: int | None) -> str:
+    """' (2 runs side by side, 1 torch thread each)': how the local executor carries the runs out."""
+    side = f"{workers} runs side by side" if workers > 1 else "one run at a time"
+    each = f", {threads} torch thread{'s' if threads > 1 else ''} each" if threads is not None else ""
+    return f" ({side}{each})"
 
 
 def launch_line(spec: SweepSpec, config: Any) -> str:
@@ -294,6 +304,9 @@ def write_sweep_file(ctx: SweepContext, plans: list[RunPlan], outcomes: list[dic
         "points": _points(plans), "differs": ctx.differs,
         "seeds": list(ctx.spec.seeds), "spec": to_dict(ctx.spec), "runs": runs,
         "densities": densities(ctx.spec, plans), "timings": timings,
+        # local: the worker processes and torch threads per run of this invocation (the stage timings
+        # are summed over runs, so with workers > 1 they add up to more than the wall time)
+        "executor": {"name": ctx.spec.executor.name, **ctx.layout},
         "provenance": {"git_commit": git_commit(), "versions": package_versions(), "device": ctx.device,
                        "host": platform.node(), "date": utc_now()}})
 
@@ -308,8 +321,11 @@ def _points(plans: list[RunPlan]) -> list[dict[str, Any]]:
 
 def run_sweep(name_or_path: str, preset: str | None = None, executor: str | None = None,
               runs_dir: str | Path | None = None, report_dir: str | Path | None = None, dry_run: bool = False,
-              progress: bool = False, slurm: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Expand, run (skipping DONE runs, resuming interrupted ones), evaluate, report. Returns a summary."""
+              progress: bool = False, slurm: dict[str, Any] | None = None,
+              local: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Expand, run (skipping DONE runs, resuming interrupted ones), evaluate, report. Returns a summary.
+
+    `slurm`, `local`: executor settings from the CLI (None values: the spec's)."""
     import dataclasses
 
     from mage_bench.runs import resolve_device
@@ -322,6 +338,12 @@ def run_sweep(name_or_path: str, preset: str | None = None, executor: str | None
     if slurm:  # CLI > spec for the Slurm resources
         spec = dataclasses.replace(spec, executor=dataclasses.replace(
             spec.executor, slurm=dataclasses.replace(spec.executor.slurm, **slurm)))
+    local = {k: v for k, v in (local or {}).items() if v is not None}
+    if local:  # CLI > spec for the local executor's workers and threads, checked as the spec's are
+        from mage_bench.config import from_dict
+
+        spec = dataclasses.replace(spec, executor=from_dict(
+            type(spec.executor), {**to_dict(spec.executor), **local}, "executor"))
     run_executor = EXECUTORS.get(spec.executor.name)
     runs = Path(runs_dir) if runs_dir else Path("runs") / spec.name
     report = Path(report_dir) if report_dir else Path("reports") / spec.name
@@ -377,6 +399,6 @@ def run_sweep(name_or_path: str, preset: str | None = None, executor: str | None
     failed = [o for o in outcomes if o["status"] == "failed"]
     order = ("tokenizer_s", "references_s", "train_s", "generation_s", "evaluation_s", "report_s")
     ctx.timings = {k: round(ctx.timings[k], 1) for k in order if k in ctx.timings}
-    return {"sweep": spec.name, "runs": len(plans), "failed": len(failed),
+    return {"sweep": spec.name, "runs": len(plans), "failed": len(failed), "executor": ctx.layout,
             "errors": {o["run"]: o["error"] for o in failed}, "report": str(index),
             "total_s": round(time.perf_counter() - start, 1), "timings": ctx.timings}

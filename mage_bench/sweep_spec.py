@@ -105,6 +105,21 @@ class ExecutorOptions:
     name: str = "local"
     nproc_per_node: int = 2  # torchrun: processes per run
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
+    # local: runs carried out side by side, each in its own process ("auto": the CPU cores / threads on the
+    # CPU, one on a GPU). Tiny models use several cores better as several runs than as one run's threads.
+    workers: int | str = 1
+    # local, on the CPU: torch threads of each run (None: torch's default, every core). A run's last bits
+    # depend on its thread count (kernels split their work by it), so it is fixed here and recorded in each
+    # run's launch.json, never derived from how many runs are left.
+    threads: int | None = None
+
+    def validate(self, path: str) -> None:
+        if isinstance(self.workers, str) and self.workers != "auto" or \
+                isinstance(self.workers, int) and self.workers < 1:
+            raise ConfigError(f"{path}.workers must be a positive integer or 'auto', not {self.workers!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"{path}.threads must be a positive integer (or null for torch's default), "
+                              f"not {self.threads}")
 
 
 @dataclass(frozen=True)

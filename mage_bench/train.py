@@ -552,6 +552,17 @@ def launch_record(config: RunConfig, world: int) -> dict[str, Any]:
             "lr": config.train.blr * global_batch / 256}
 
 
+def cpu_threads_record(resumed: Path | None) -> dict[str, Any]:
+    """launch.json's `cpu_threads`: torch's threads for this launch; a run resumed with other threads keeps
+    the earlier launches' in `cpu_threads_before` (its numbers are then not bitwise those of one launch)."""
+    threads = torch.get_num_threads()
+    recorded = read_launch(resumed) if resumed is not None else None
+    before = [] if recorded is None else list(recorded.get("cpu_threads_before", []))
+    if recorded is not None and recorded.get("cpu_threads") not in (None, threads):
+        before.append(recorded["cpu_threads"])
+    return {"cpu_threads": threads, **({"cpu_threads_before": before} if before else {})}
+
+
 def check_same_launch(run: Path, launch: dict[str, Any]) -> None:
     """Resuming on another number of processes would change the recipe (global batch, lr) mid-run."""
     recorded = read_launch(run)
@@ -576,6 +587,8 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, progress
     config = resolve_run_config(config)
     runtime = setup_runtime(config)
     launch = launch_record(config, runtime.world)
+    if runtime.device.type == "cpu":  # the last bits of CPU numbers depend on the thread count
+        launch = {**launch, **cpu_threads_record(run if resume else None)}
     if resume and (run / CHECKPOINT_FILE).exists():
         check_same_launch(run, launch)
     trainer = Trainer(config, runtime, progress)
