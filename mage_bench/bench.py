@@ -12,7 +12,7 @@ process. MFU = achieved FLOP/s / that peak.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -31,6 +31,10 @@ class BenchResult:
     peak_flops: float
     peak_memory_gb: float | None = None  # the allocator's high-water mark over the timed steps (GPU only)
     compiled: bool = False  # the objective through torch.compile (`train.compile`)
+    # Runs side by side (the local executor's `workers`), each on `threads` torch threads (None: torch's
+    # default): batch_size and flops_per_step are then all workers' together, step_s their common step.
+    workers: int = 1
+    threads: int | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -48,7 +52,16 @@ class BenchResult:
         return {"model": self.model, "device": self.device, "dtype": self.dtype, "batch_size": self.batch_size,
                 "step_s": self.step_s, "images_per_s": self.images_per_s, "tokens_per_s": self.tokens_per_s,
                 "gflops_per_step": self.flops_per_step / 1e9, "peak_gflops": self.peak_flops / 1e9,
-                "mfu": self.mfu, "peak_memory_gb": self.peak_memory_gb, "compiled": self.compiled}
+                "mfu": self.mfu, "peak_memory_gb": self.peak_memory_gb, "compiled": self.compiled,
+                "workers": self.workers, "threads": self.threads}
+
+    @property
+    def mode(self) -> str:
+        """'eager', 'compiled', and the layout when it is not one process on torch's default threads."""
+        mode = "compiled" if self.compiled else "eager"
+        if self.workers > 1 or self.threads is not None:
+            mode += f" {self.workers}x{self.threads or '?'}t"
+        return mode
 
 
 def analytic_train_flops(cfg, batch_size: int, n_drop: int, attention: bool = True) -> float:
@@ -92,9 +105,11 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...]
 
 
 def bench_model(name: str, batch_size: int, steps: int, device: torch.device, peak: float,
-                overrides: dict[str, Any] | None = None, compile: bool = False) -> BenchResult:
+                overrides: dict[str, Any] | None = None, compile: bool = False,
+                before_timing: Any = None) -> BenchResult:
     """Times `steps` training steps of preset `name` after 2 warm-up steps (which include the compilation
-    with `compile`: the objective through torch.compile, as `train.compile` trains)."""
+    with `compile`: the objective through torch.compile, as `train.compile` trains). `before_timing`: called
+    between the warm-up and the timed steps (side by side: every worker starts timing together)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from mage_bench.config import RunConfig, from_dict
@@ -139,6 +154,8 @@ def bench_model(name: str, batch_size: int, steps: int, device: torch.device, pe
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if before_timing is not None:
+        before_timing()
     tic = time.perf_counter()
     for b in batches[3:]:
         step(*b)
@@ -151,18 +168,73 @@ def bench_model(name: str, batch_size: int, steps: int, device: torch.device, pe
 
 
 def bench_train(models: list[str], batch_size: int, steps: int, device: str = "cpu",
-                compile: bool = False) -> list[BenchResult]:
+                compile: bool = False, workers: int = 1, threads: int | None = None) -> list[BenchResult]:
+    """Each model's training step on `device`; on the CPU optionally as `workers` runs side by side, each on
+    `threads` torch threads (the local executor's layout). MFU is always against the peak of this process on
+    torch's default threads: the whole machine's matmul rate."""
+    from mage_bench.executors import torch_threads
+
     dev = torch.device(device)
     peak = matmul_peak(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    return [bench_model(name, batch_size, steps, dev, peak, compile=compile) for name in models]
+    if workers > 1:
+        return [_side_by_side(name, batch_size, steps, peak, compile, workers, threads) for name in models]
+    with torch_threads(threads):
+        return [replace(bench_model(name, batch_size, steps, dev, peak, compile=compile), threads=threads)
+                for name in models]
+
+
+def _side_by_side(name: str, batch_size: int, steps: int, peak: float, compile: bool, workers: int,
+                  threads: int | None) -> BenchResult:
+    """`workers` spawned processes time the same step at once (a barrier starts their timed steps together);
+    the row is their sum: every worker's images per their common step time."""
+    import multiprocessing
+    import queue
+
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(workers), context.Queue()
+    processes = [context.Process(target=_bench_worker, daemon=True,
+                                 args=(name, batch_size, steps, peak, compile, threads, barrier, results))
+                 for _ in range(workers)]
+    for process in processes:
+        process.start()
+    rows: list[Any] = []
+    while len(rows) < workers:
+        try:
+            rows.append(results.get(timeout=1.0))
+        except queue.Empty:
+            if not all(p.is_alive() for p in processes) and results.empty():
+                barrier.abort()
+                raise RuntimeError(f"a bench worker of {name} died (exit codes "
+                                   f"{[p.exitcode for p in processes]})") from None
+    for process in processes:
+        process.join()
+    errors = [row for row in rows if isinstance(row, str)]
+    if errors:
+        raise RuntimeError(f"a bench worker of {name} failed: {errors[0]}")
+    images_per_s = sum(row.images_per_s for row in rows)
+    first = rows[0]
+    return replace(first, batch_size=first.batch_size * workers, step_s=first.batch_size * workers / images_per_s,
+                   flops_per_step=first.flops_per_step * workers, counted_flops=first.counted_flops * workers,
+                   workers=workers, threads=threads)
+
+
+def _bench_worker(name: str, batch_size: int, steps: int, peak: float, compile: bool, threads: int | None,
+                  barrier: Any, results: Any) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        results.put(bench_model(name, batch_size, steps, torch.device("cpu"), peak, compile=compile,
+                                before_timing=barrier.wait))
+    except Exception as exc:  # the parent names it; a broken barrier stops the other workers too
+        barrier.abort()
+        results.put(f"{type(exc).__name__}: {exc}")
 
 
 def format_table(results: list[BenchResult]) -> str:
-    lines = [f"{'model':<24} {'device':<6} {'mode':<8} {'batch':>5} {'step s':>8} {'img/s':>9} {'tok/s':>10} "
+    lines = [f"{'model':<24} {'device':<6} {'mode':<11} {'batch':>5} {'step s':>8} {'img/s':>9} {'tok/s':>10} "
              f"{'GFLOP/step':>11} {'peak GFLOP/s':>13} {'MFU':>6}"]
     for r in results:
-        mode = "compiled" if r.compiled else "eager"
-        lines.append(f"{r.model:<24} {r.device:<6} {mode:<8} {r.batch_size:>5} {r.step_s:>8.3f} {r.images_per_s:>9.1f} "
+        lines.append(f"{r.model:<24} {r.device:<6} {r.mode:<11} {r.batch_size:>5} {r.step_s:>8.3f} {r.images_per_s:>9.1f} "
                      f"{r.tokens_per_s:>10.0f} {r.flops_per_step / 1e9:>11.1f} {r.peak_flops / 1e9:>13.1f} "
                      f"{100 * r.mfu:>5.1f}%")
     return "\n".join(lines)

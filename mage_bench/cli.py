@@ -471,9 +471,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     for name in args.models:
         MODEL_PRESETS.get(name)  # a typo is a one-line error before anything is timed
-    results = bench_train(args.models, args.batch_size, args.steps, resolve_device(args.device), args.compile)
+    if args.workers < 1 or (args.threads is not None and args.threads < 1):
+        raise UserError("--workers and --threads must be positive integers")
+    device = resolve_device(args.device)
+    if device != "cpu" and (args.workers > 1 or args.threads is not None):
+        raise UserError("--workers and --threads lay out CPU runs; drop them with --device cuda")
+    results = bench_train(args.models, args.batch_size, args.steps, device, args.compile, args.workers, args.threads)
     command = (f"mage-bench bench train --models {' '.join(args.models)} --batch-size {args.batch_size} "
-               f"--steps {args.steps} --device {args.device}" + (" --compile" if args.compile else ""))
+               f"--steps {args.steps} --device {args.device}" + (" --compile" if args.compile else "")
+               + (f" --workers {args.workers}" if args.workers > 1 else "")
+               + (f" --threads {args.threads}" if args.threads is not None else ""))
     _emit(args, {"command": command, "models": [r.as_dict() for r in results]},
           f"{format_table(results)}\n(command: {command})")
     return 0
@@ -777,6 +784,10 @@ def _add_bench_parser(sub: Any) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--compile", action="store_true",
                    help="train: the objective through torch.compile, as train.compile (warm-up steps compile)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="train, CPU: time this many runs side by side, as the local executor's executor.workers "
+                        "(the row sums their images/s; MFU against the whole machine's matmul peak)")
+    p.add_argument("--threads", type=int, help="train, CPU: torch threads of each run (default: torch's)")
     _common(p)
     p.set_defaults(func=cmd_bench)
 

@@ -49,3 +49,27 @@ def test_bench_train_json_is_one_document_with_its_command(capsys, monkeypatch):
                                                      "--batch-size 8 --steps 1 --device cpu)")
     assert main(["bench", "train", "--models", "mage_tinyy"]) == 2  # a typo: one line, exit 2
     assert "mage_tinyy" in capsys.readouterr().err
+
+
+def test_bench_train_side_by_side_sums_the_workers(capsys, monkeypatch):
+    """--workers 2 --threads 1: two spawned processes time the step together; the row holds both workers'
+    images and FLOPs over their common step, so its images/s is the sum of theirs."""
+    import json
+
+    import mage_bench.bench as bench
+    from mage_bench.cli import main
+
+    monkeypatch.setattr(bench, "matmul_peak", lambda device, dtype: 1e11)  # the workers get the parent's peak
+    args = ["bench", "train", "--models", "mage_tiny", "--batch-size", "8", "--steps", "2"]
+    assert main([*args, "--workers", "2", "--threads", "1", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["command"].endswith("--steps 2 --device cpu --workers 2 --threads 1")
+    (row,) = document["models"]
+    assert row["workers"] == 2 and row["threads"] == 1 and row["batch_size"] == 16 and row["peak_gflops"] == 100.0
+    assert abs(row["images_per_s"] - 16 / row["step_s"]) < 1e-6 * row["images_per_s"] and row["mfu"] > 0
+    single = bench.bench_model("mage_tiny", 8, 1, torch.device("cpu"), 1e11)
+    assert row["gflops_per_step"] == 2 * single.flops_per_step / 1e9
+    assert main([*args, "--threads", "1"]) == 0
+    assert "eager 1x1t" in capsys.readouterr().out
+    for bad, message in (["--workers", "0"], "positive integers"), (["--threads", "0"], "positive integers"):
+        assert main([*args, *bad]) == 2 and message in capsys.readouterr().err
