@@ -208,11 +208,12 @@ class TokenizerSteps:
         torch.manual_seed(config.seed)
         self.model = VQGAN(config.tokenizer).to(self.device)
         self.model.quantize.beta = tcfg.commitment_beta
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tcfg.lr, betas=tcfg.betas)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tcfg.lr, betas=tcfg.betas, foreach=True)
         self.disc = self.disc_opt = None
         if tcfg.gan_weight > 0:
             self.disc = PatchDiscriminator(config.tokenizer.in_channels).to(self.device)
-            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=tcfg.disc_lr, betas=(0.5, 0.9))
+            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=tcfg.disc_lr, betas=(0.5, 0.9),
+                                             foreach=True)
         self.train_set = create_dataset(config.data, "train")
         self.stream = BatchStream(self.train_set, tcfg.batch_size, config.seed, config.data.num_workers)
         self.generator = torch.Generator().manual_seed(config.seed + 17)  # k-means and code restarts
