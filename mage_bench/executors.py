@@ -121,11 +121,26 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _worker_init(threads: int | None) -> None:
+def _worker_init(threads: int | None, parent: int) -> None:
+    _die_with_parent(parent)
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this worker when the sweep's process dies, even by SIGKILL, so that no
+    orphan goes on writing a run folder that a rerun of the sweep resumes at the same time."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request was made
+        os._exit(1)
 
 
 def side_by_side(ctx: SweepContext, plans: list[Any], workers: int, threads: int | None,
@@ -139,18 +154,27 @@ def side_by_side(ctx: SweepContext, plans: list[Any], workers: int, threads: int
 
     outcomes: dict[str, dict[str, Any]] = {}
     context = multiprocessing.get_context("spawn")
-    with _bar(ctx, len(plans)) as bar, ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                                                           initargs=(threads,)) as pool:
-        bar.set_postfix_str(f"{workers} runs side by side")
-        futures = {pool.submit(job, plan, ctx.spec, ctx.runs_dir, ctx.device, False): plan for plan in plans}
-        for future in as_completed(futures):
-            plan = futures[future]
-            try:
-                outcomes[plan.name] = future.result()
-            except Exception as exc:  # the worker process itself died; execute_run records its own failures
-                outcomes[plan.name] = {"run": plan.name, "status": "failed",
-                                       "error": f"worker process: {str(exc) or type(exc).__name__}"}
-            bar.update(1)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(threads, os.getpid()))
+    try:
+        with _bar(ctx, len(plans)) as bar:
+            bar.set_postfix_str(f"{workers} runs side by side")
+            futures = {pool.submit(job, plan, ctx.spec, ctx.runs_dir, ctx.device, False): plan for plan in plans}
+            for future in as_completed(futures):
+                plan = futures[future]
+                try:
+                    outcomes[plan.name] = future.result()
+                except Exception as exc:  # the worker process itself died; execute_run records its own failures
+                    outcomes[plan.name] = {"run": plan.name, "status": "failed",
+                                           "error": f"worker process: {str(exc) or type(exc).__name__}"}
+                bar.update(1)
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM as an exception): no queued run may start, and the running ones stop
+        # now rather than finish unseen; their checkpoints are atomic, so the next invocation resumes them.
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in list((pool._processes or {}).values()):  # no public way to stop workers before 3.14
+            process.terminate()
+        raise
+    pool.shutdown()
     return [outcomes[plan.name] for plan in plans]
 
 

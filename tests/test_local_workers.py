@@ -144,3 +144,61 @@ def test_a_gpu_sweep_runs_one_at_a_time_and_its_dry_run_works_without_a_gpu(tmp_
     path.write_text(yaml.safe_dump(raw))
     assert main(["sweep", str(path), "--runs", str(tmp_path / "runs"), "--dry-run"]) == 0
     assert "with the local executor (one run at a time)" in capsys.readouterr().out
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_a_stopped_side_by_side_sweep_leaves_no_worker_and_the_rerun_gives_the_same_results(
+        tmp_path, tiny_tokenizer_dir, digits_cnn):
+    """The sweep's process interrupted (SIGINT) or killed (SIGKILL) while its workers train: the workers stop
+    with it (no orphan writes the run folders a rerun resumes), and the rerun's results equal an
+    uninterrupted sweep's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, executor={"name": "local", "workers": 2, "threads": 1},
+                      eval_extra={"references": False})  # five sweeps: only what the runs do
+    command = [sys.executable, "-m", "mage_bench.cli", "sweep", str(path), "--quiet"]
+    subprocess.run([*command, "--runs", str(tmp_path / "a"), "--out", str(tmp_path / "ra")], check=True)
+
+    def stop_while_training(sig: int, name: str) -> int:
+        """Start the sweep into a fresh NAME/, send `sig` to its process alone once its workers train; its
+        exit code."""
+        process = subprocess.Popen([*command, "--runs", str(tmp_path / name), "--out", str(tmp_path / f"r{name}")])
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / name).glob("*/metrics.jsonl")):  # the workers are training
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        workers = _children(process.pid)
+        assert len(workers) >= 2  # two spawned workers (and multiprocessing's resource tracker)
+        process.send_signal(sig)
+        code = process.wait(timeout=60)
+        deadline = time.monotonic() + 3  # a worker left alone would finish its run first: seconds longer
+        while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+                  for pid in workers if Path(f"/proc/{pid}/stat").exists()):
+            assert time.monotonic() < deadline, f"a worker outlived the sweep's process (signal {sig})"
+            time.sleep(0.05)
+        assert not list((tmp_path / f"r{name}").glob("results.csv"))
+        return code
+
+    assert stop_while_training(signal.SIGINT, "b") != 0  # Ctrl-C: the workers are stopped, not left to finish
+    assert not list((tmp_path / "b").glob("*/FAILED"))  # an interruption is no failure
+    assert stop_while_training(signal.SIGKILL, "c") == -signal.SIGKILL  # no handler: the kernel stops the workers
+    for name in ("b", "c"):
+        subprocess.run([*command, "--runs", str(tmp_path / name), "--out", str(tmp_path / f"r{name}")], check=True)
+        pd.testing.assert_frame_equal(_results(tmp_path / "ra"), _results(tmp_path / f"r{name}"))
