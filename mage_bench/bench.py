@@ -172,13 +172,13 @@ def bench_train(models: list[str], batch_size: int, steps: int, device: str = "c
     """Each model's training step on `device`; on the CPU optionally as `workers` runs side by side, each on
     `threads` torch threads (the local executor's layout). MFU is always against the peak of this process on
     torch's default threads: the whole machine's matmul rate."""
-    from mage_bench.executors import torch_threads
+    from mage_bench.executors import cpu_threads
 
     dev = torch.device(device)
     peak = matmul_peak(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     if workers > 1:
         return [_side_by_side(name, batch_size, steps, peak, compile, workers, threads) for name in models]
-    with torch_threads(threads):
+    with cpu_threads(threads):
         return [replace(bench_model(name, batch_size, steps, dev, peak, compile=compile), threads=threads)
                 for name in models]
 
@@ -202,10 +202,11 @@ def _side_by_side(name: str, batch_size: int, steps: int, peak: float, compile: 
         try:
             rows.append(results.get(timeout=1.0))
         except queue.Empty:
-            if not all(p.is_alive() for p in processes) and results.empty():
+            # A worker that put its row exits 0 (its queue flushed first); any other exit lost a row.
+            codes = [p.exitcode for p in processes]
+            if any(code not in (None, 0) for code in codes) or (None not in codes and results.empty()):
                 barrier.abort()
-                raise RuntimeError(f"a bench worker of {name} died (exit codes "
-                                   f"{[p.exitcode for p in processes]})") from None
+                raise RuntimeError(f"a bench worker of {name} died (exit codes {codes})") from None
     for process in processes:
         process.join()
     errors = [row for row in rows if isinstance(row, str)]

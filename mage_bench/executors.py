@@ -5,7 +5,8 @@ on one process and one device. A DONE run is skipped, a trained one goes straigh
 evaluation skips the evaluators whose records exist.
 - `local`: both stages of a run in one process: one run after another in this process, or, with
   `executor.workers` > 1, that many runs side by side in worker processes (concurrent.futures, spawned),
-  each with `executor.threads` torch threads on the CPU. A tiny model's kernels are too small to keep two
+  each with `executor.threads` threads (torch, BLAS, OpenMP) on the CPU. The shared work before the runs
+  (tokenizer, references) stays in this process on its default threads. A tiny model's kernels are too small to keep two
   cores busy; two runs on one core each are ~1.4x the throughput of one run on two (2-core machine).
 - `torchrun`: each run's training as a multi-process DDP job on this node (torch.distributed.run,
   `executor.nproc_per_node` processes), then its evaluation in a one-process subprocess, so that no GPU
@@ -106,27 +107,39 @@ def local_layout(options: Any, on_cpu: bool, pending: int) -> tuple[int, int | N
 
 
 @contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """`threads` torch threads inside the block (None: unchanged), restored after it."""
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """`threads` threads for torch and for the BLAS and OpenMP pools loaded (numpy, scipy, scikit-learn,
+    faiss) inside the block (None: unchanged), restored after it."""
     if threads is None:
         yield
         return
     import torch
+    from threadpoolctl import threadpool_limits
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        yield
+        with threadpool_limits(limits=threads):
+            yield
     finally:
         torch.set_num_threads(before)
 
 
+# Read by BLAS and OpenMP runtimes when they load: a worker sets them before loading any it has not yet.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_limits: Any = None  # a worker's threadpoolctl limits, kept for its life
+
+
 def _worker_init(threads: int | None, parent: int) -> None:
+    global _limits
     _die_with_parent(parent)
-    if threads is not None:
+    if threads is not None:  # every pool of this worker, not only torch's: W workers must not use W x cores
+        os.environ.update({name: str(threads) for name in THREAD_VARIABLES})
         import torch
+        from threadpoolctl import threadpool_limits
 
         torch.set_num_threads(threads)
+        _limits = threadpool_limits(limits=threads)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -147,8 +160,8 @@ def side_by_side(ctx: SweepContext, plans: list[Any], workers: int, threads: int
                  job: Callable[..., dict[str, Any]] = execute_run) -> list[dict[str, Any]]:
     """Each run's two stages (`job`, picklable) in one of `workers` spawned processes (spawn, not fork: a
     forked copy of a process whose OpenMP pool has run can hang); outcomes in plan order. A worker that
-    dies (killed, out of memory) fails its run and the ones still queued; they resume on the next
-    invocation."""
+    dies (killed, out of memory) breaks the pool: every run not finished by then, the ones running beside
+    it included, is recorded as failed with that error, and resumes on the next invocation."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -163,15 +176,19 @@ def side_by_side(ctx: SweepContext, plans: list[Any], workers: int, threads: int
                 plan = futures[future]
                 try:
                     outcomes[plan.name] = future.result()
-                except Exception as exc:  # the worker process itself died; execute_run records its own failures
+                except Exception as exc:  # a worker process itself died; execute_run records its own failures
                     outcomes[plan.name] = {"run": plan.name, "status": "failed",
-                                           "error": f"worker process: {str(exc) or type(exc).__name__}"}
+                                           "error": f"worker process: {str(exc) or type(exc).__name__} (this "
+                                                    f"run's worker or one beside it died; rerun the sweep to "
+                                                    f"resume)"}
                 bar.update(1)
     except BaseException:
         # Interrupted (Ctrl-C, SIGTERM as an exception): no queued run may start, and the running ones stop
         # now rather than finish unseen; their checkpoints are atomic, so the next invocation resumes them.
+        # No public way to stop workers before Python 3.14; taken before shutdown, which forgets them.
+        running = list((pool._processes or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
-        for process in list((pool._processes or {}).values()):  # no public way to stop workers before 3.14
+        for process in running:
             process.terminate()
         raise
     pool.shutdown()
@@ -195,7 +212,7 @@ def run_local(ctx: SweepContext, plans: list[Any]) -> list[dict[str, Any]]:
     ctx.layout = {"workers": workers, "threads": threads}
     if workers > 1:
         return side_by_side(ctx, plans, workers, threads)
-    with torch_threads(threads):
+    with cpu_threads(threads):
         return _one_after_another(ctx, plans)
 
 

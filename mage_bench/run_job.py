@@ -5,7 +5,8 @@
   training finished, so a rerun goes straight to evaluation.
 - Evaluation (`evaluate_stage`): one process on one device: the run's samples (those already there are
   kept), `eval all` with resume (evaluators whose records exist with the same inputs are skipped), the
-  stage times, and `DONE`, written last. It runs in this process (the local executor), as a subprocess
+  stage times, and `DONE`, written last. It runs in the process that trained the run (the local executor:
+  the sweep's process or its worker), as a subprocess
   `python -m mage_bench.run_job evaluate ...` (torchrun: the GPU memory it cached is gone when it ends)
   or as a one-task Slurm job (`EvaluateTask`, requeued on preemption). Everything it needs travels in an
   `EvaluationJob`: the run folder, the sweep's `eval` settings, the sweep's name, the FID cache, the device.

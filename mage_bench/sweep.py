@@ -339,6 +339,9 @@ def run_sweep(name_or_path: str, preset: str | None = None, executor: str | None
         spec = dataclasses.replace(spec, executor=dataclasses.replace(
             spec.executor, slurm=dataclasses.replace(spec.executor.slurm, **slurm)))
     local = {k: v for k, v in (local or {}).items() if v is not None}
+    if local and spec.executor.name != "local":
+        raise UserError(f"--{' and --'.join(local)} lay out the local executor's runs; the {spec.executor.name} "
+                        f"executor ignores them: drop them, or add --executor local")
     if local:  # CLI > spec for the local executor's workers and threads, checked as the spec's are
         from mage_bench.config import from_dict
 

@@ -553,13 +553,18 @@ def launch_record(config: RunConfig, world: int) -> dict[str, Any]:
 
 
 def cpu_threads_record(resumed: Path | None) -> dict[str, Any]:
-    """launch.json's `cpu_threads`: torch's threads for this launch; a run resumed with other threads keeps
-    the earlier launches' in `cpu_threads_before` (its numbers are then not bitwise those of one launch)."""
+    """launch.json's `cpu_threads`: torch's threads for this launch. `resumed`: the run folder when this
+    launch continues trained steps; an earlier launch on other threads (or on unrecorded ones, "unknown":
+    folders from before this was recorded) is kept in `cpu_threads_before`, since the run's numbers are then
+    not bitwise those of one launch."""
     threads = torch.get_num_threads()
-    recorded = read_launch(resumed) if resumed is not None else None
-    before = [] if recorded is None else list(recorded.get("cpu_threads_before", []))
-    if recorded is not None and recorded.get("cpu_threads") not in (None, threads):
-        before.append(recorded["cpu_threads"])
+    if resumed is None:
+        return {"cpu_threads": threads}
+    recorded = read_launch(resumed) or {}
+    before = list(recorded.get("cpu_threads_before", []))
+    earlier = recorded.get("cpu_threads", "unknown")
+    if earlier != threads:
+        before.append(earlier)
     return {"cpu_threads": threads, **({"cpu_threads_before": before} if before else {})}
 
 
@@ -587,19 +592,20 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, progress
     config = resolve_run_config(config)
     runtime = setup_runtime(config)
     launch = launch_record(config, runtime.world)
-    if runtime.device.type == "cpu":  # the last bits of CPU numbers depend on the thread count
-        launch = {**launch, **cpu_threads_record(run if resume else None)}
     if resume and (run / CHECKPOINT_FILE).exists():
         check_same_launch(run, launch)
     trainer = Trainer(config, runtime, progress)
     folder = TrainingFolder(run, CHECKPOINT_FILE, runtime.is_main)
     tcfg = config.train
     step, elapsed = folder.begin(config, resume, trainer.load)
+    if runtime.device.type == "cpu":  # the last bits of CPU numbers depend on the thread count
+        launch = {**launch, **cpu_threads_record(run if step > 0 else None)}
     if trainer.stream.token_cache is not None:  # data.cache_tokens: where the tokens came from, and their key
         launch = {**launch, "token_cache": trainer.stream.token_cache}
-    if runtime.is_main:
+    finished = step >= tcfg.steps
+    if runtime.is_main and not (finished and read_launch(run) is not None):  # a no-op resume trains nothing
         atomic_write_json(run / LAUNCH_FILE, launch)
-    if step >= tcfg.steps:  # finished already: resuming is a no-op
+    if finished:  # finished already: resuming is a no-op
         return {"run": str(run), "step": step, "finished": True}
     cadence = ProxyCadence(tcfg.steps, tcfg.log_every, tcfg.checkpoint_every, tcfg)
     proxies = (TrainingProxies(config, trainer.model, trainer.stream.tokenizer, runtime.device)

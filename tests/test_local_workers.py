@@ -110,6 +110,10 @@ def test_cli_workers_and_threads_override_the_spec(tmp_path, tiny_tokenizer_dir,
     assert exit_info.value.code == 2 and "a positive integer or auto, not 'two'" in capsys.readouterr().err
     assert main(["sweep", str(path), "--runs", runs, "--dry-run", "--threads", "0"]) == 2
     assert "executor.threads must be a positive integer" in capsys.readouterr().err
+    assert main(["sweep", str(path), "--runs", runs, "--dry-run", "--executor", "torchrun", "--workers", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--workers lay out the local executor's runs; the torchrun executor ignores them" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_the_bundled_sweeps_run_one_core_per_run():
@@ -131,6 +135,8 @@ def test_a_resume_on_other_threads_keeps_the_earlier_count(tmp_path):
         assert cpu_threads_record(None) == {"cpu_threads": 1}
         (tmp_path / "launch.json").write_text(json.dumps({"cpu_threads": 1, "cpu_threads_before": [2]}))
         assert cpu_threads_record(tmp_path) == {"cpu_threads": 1, "cpu_threads_before": [2]}
+        (tmp_path / "launch.json").write_text(json.dumps({"world_size": 1}))  # trained before this was recorded
+        assert cpu_threads_record(tmp_path) == {"cpu_threads": 1, "cpu_threads_before": ["unknown"]}
     finally:
         torch.set_num_threads(before)
 
@@ -172,14 +178,22 @@ def test_a_stopped_side_by_side_sweep_leaves_no_worker_and_the_rerun_gives_the_s
     import time
 
     path = micro_spec(tmp_path, tiny_tokenizer_dir, digits_cnn, executor={"name": "local", "workers": 2, "threads": 1},
-                      eval_extra={"references": False})  # five sweeps: only what the runs do
-    command = [sys.executable, "-m", "mage_bench.cli", "sweep", str(path), "--quiet"]
-    subprocess.run([*command, "--runs", str(tmp_path / "a"), "--out", str(tmp_path / "ra")], check=True)
+                      eval_extra={"references": False})  # four sweeps: only what the runs do
+    (tmp_path / "long").mkdir()  # runs of minutes: a worker left to finish its run would outlive any deadline
+    long = micro_spec(tmp_path / "long", tiny_tokenizer_dir, digits_cnn, eval_extra={"references": False},
+                      executor={"name": "local", "workers": 2, "threads": 1})
+    raw = yaml.safe_load(long.read_text())
+    raw["run"]["train"].update(steps=100_000, checkpoint_every=50_000)
+    long.write_text(yaml.safe_dump(raw))
 
-    def stop_while_training(sig: int, name: str) -> int:
+    def command(spec: Path, name: str) -> list[str]:
+        return [sys.executable, "-m", "mage_bench.cli", "sweep", str(spec), "--quiet", "--runs", str(tmp_path / name),
+                "--out", str(tmp_path / f"r{name}")]
+
+    def stop_while_training(sig: int, spec: Path, name: str) -> int:
         """Start the sweep into a fresh NAME/, send `sig` to its process alone once its workers train; its
-        exit code."""
-        process = subprocess.Popen([*command, "--runs", str(tmp_path / name), "--out", str(tmp_path / f"r{name}")])
+        exit code, which must come within 30 s, and no worker may outlive it by more than 3 s."""
+        process = subprocess.Popen(command(spec, name))
         deadline = time.monotonic() + 300
         while not list((tmp_path / name).glob("*/metrics.jsonl")):  # the workers are training
             assert process.poll() is None and time.monotonic() < deadline
@@ -187,8 +201,8 @@ def test_a_stopped_side_by_side_sweep_leaves_no_worker_and_the_rerun_gives_the_s
         workers = _children(process.pid)
         assert len(workers) >= 2  # two spawned workers (and multiprocessing's resource tracker)
         process.send_signal(sig)
-        code = process.wait(timeout=60)
-        deadline = time.monotonic() + 3  # a worker left alone would finish its run first: seconds longer
+        code = process.wait(timeout=30)
+        deadline = time.monotonic() + 3
         while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
                   for pid in workers if Path(f"/proc/{pid}/stat").exists()):
             assert time.monotonic() < deadline, f"a worker outlived the sweep's process (signal {sig})"
@@ -196,9 +210,27 @@ def test_a_stopped_side_by_side_sweep_leaves_no_worker_and_the_rerun_gives_the_s
         assert not list((tmp_path / f"r{name}").glob("results.csv"))
         return code
 
-    assert stop_while_training(signal.SIGINT, "b") != 0  # Ctrl-C: the workers are stopped, not left to finish
+    assert stop_while_training(signal.SIGINT, long, "b") != 0  # Ctrl-C: the workers are stopped, not waited for
     assert not list((tmp_path / "b").glob("*/FAILED"))  # an interruption is no failure
-    assert stop_while_training(signal.SIGKILL, "c") == -signal.SIGKILL  # no handler: the kernel stops the workers
-    for name in ("b", "c"):
-        subprocess.run([*command, "--runs", str(tmp_path / name), "--out", str(tmp_path / f"r{name}")], check=True)
-        pd.testing.assert_frame_equal(_results(tmp_path / "ra"), _results(tmp_path / f"r{name}"))
+    assert stop_while_training(signal.SIGKILL, path, "c") == -signal.SIGKILL  # the kernel stops the workers
+    subprocess.run(command(path, "a"), check=True)
+    subprocess.run(command(path, "c"), check=True)  # the rerun resumes and completes the killed sweep
+    pd.testing.assert_frame_equal(_results(tmp_path / "ra"), _results(tmp_path / "rc"))
+
+
+def test_training_records_its_threads_and_a_resume_on_other_threads(tmp_path, tiny_run_layer):
+    from mage_bench.config import RunConfig, resolve_config
+    from mage_bench.executors import cpu_threads
+    from mage_bench.train import train
+
+    config = resolve_config(RunConfig, tiny_run_layer)
+    with cpu_threads(2):
+        train(config, tmp_path / "run", progress=False, stop_at=3)
+    assert json.loads((tmp_path / "run" / "launch.json").read_text())["cpu_threads"] == 2
+    with cpu_threads(1):
+        train(config, tmp_path / "run", resume=True, progress=False)
+    launch = json.loads((tmp_path / "run" / "launch.json").read_text())
+    assert launch["cpu_threads"] == 1 and launch["cpu_threads_before"] == [2]
+    with cpu_threads(2):  # finished: a no-op resume trains nothing and leaves the record as it was
+        train(config, tmp_path / "run", resume=True, progress=False)
+    assert json.loads((tmp_path / "run" / "launch.json").read_text()) == launch
