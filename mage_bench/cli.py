@@ -726,7 +726,7 @@ def _add_sweep_parser(sub: Any) -> None:
         description="Expand a sweep spec into runs, refuse it when its points differ in anything but the swept "
                     "(or declared coupled) keys, train and evaluate each run (DONE runs are skipped, interrupted "
                     "ones resume), then write reports/<sweep>/. Exit 1 when some runs failed.",
-        epilog="examples:\n  mage-bench sweep masking                 (the tiny preset: ~10 min on 2 CPU cores)\n"
+        epilog="examples:\n  mage-bench sweep masking                 (the tiny preset: ~5 min on 2 CPU cores)\n"
                "  mage-bench sweep drop --preset digits --dry-run   (prints what differs between points)\n"
                "  mage-bench sweep masking-x-contrastive    (a 3 x 3 grid: heat maps in the report)\n"
                "  mage-bench sweep contrastive --preset cifar10 --executor slurm",
