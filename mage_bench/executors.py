@@ -6,8 +6,9 @@ evaluation skips the evaluators whose records exist.
 - `local`: both stages of a run in one process: one run after another in this process, or, with
   `executor.workers` > 1, that many runs side by side in worker processes (concurrent.futures, spawned),
   each with `executor.threads` threads (torch, BLAS, OpenMP) on the CPU. The shared work before the runs
-  (tokenizer, references) stays in this process on its default threads. A tiny model's kernels are too small to keep two
-  cores busy; two runs on one core each are ~1.4x the throughput of one run on two (2-core machine).
+  (tokenizer, references) stays in this process on its default threads. A tiny model's kernels are too
+  small to keep two cores busy; two runs on one core each are ~1.4x the throughput of one run on two
+  (2-core machine).
 - `torchrun`: each run's training as a multi-process DDP job on this node (torch.distributed.run,
   `executor.nproc_per_node` processes), then its evaluation in a one-process subprocess, so that no GPU
   memory it cached stays behind while the next run trains.
@@ -164,6 +165,7 @@ def side_by_side(ctx: SweepContext, plans: list[Any], workers: int, threads: int
     it included, is recorded as failed with that error, and resumes on the next invocation."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     outcomes: dict[str, dict[str, Any]] = {}
     context = multiprocessing.get_context("spawn")
@@ -176,11 +178,14 @@ def side_by_side(ctx: SweepContext, plans: list[Any], workers: int, threads: int
                 plan = futures[future]
                 try:
                     outcomes[plan.name] = future.result()
-                except Exception as exc:  # a worker process itself died; execute_run records its own failures
+                except BrokenProcessPool as exc:  # a worker process died; execute_run records its own failures
                     outcomes[plan.name] = {"run": plan.name, "status": "failed",
                                            "error": f"worker process: {str(exc) or type(exc).__name__} (this "
                                                     f"run's worker or one beside it died; rerun the sweep to "
                                                     f"resume)"}
+                except Exception as exc:  # the job's arguments or outcome did not cross the process boundary
+                    outcomes[plan.name] = {"run": plan.name, "status": "failed",
+                                           "error": f"worker process: {type(exc).__name__}: {exc}"}
                 bar.update(1)
     except BaseException:
         # Interrupted (Ctrl-C, SIGTERM as an exception): no queued run may start, and the running ones stop
