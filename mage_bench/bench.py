@@ -172,7 +172,7 @@ def bench_train(models: list[str], batch_size: int, steps: int, device: str = "c
     """Each model's training step on `device`; on the CPU optionally as `workers` runs side by side, each on
     `threads` torch threads (the local executor's layout). MFU is always against the peak of this process on
     torch's default threads: the whole machine's matmul rate."""
-    from mage_bench.executors import cpu_threads
+    from mage_bench.threads import cpu_threads
 
     dev = torch.device(device)
     peak = matmul_peak(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)

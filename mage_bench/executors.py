@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from mage_bench.errors import UserError
 from mage_bench.registry import Registry
 from mage_bench.run_job import EvaluateTask, RunTask, execute_run, sweep_evaluation, trained_already
 from mage_bench.runs import DONE_FILE, SHARED_DIR
+from mage_bench.threads import cpu_cores, cpu_threads
 
 
 @dataclass
@@ -83,14 +83,6 @@ def _one_after_another(ctx: SweepContext, plans: list[Any], train_command: list[
     return outcomes
 
 
-def cpu_cores() -> int:
-    """The cores this process may run on (its affinity mask, e.g. under Slurm or taskset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def local_layout(options: Any, on_cpu: bool, pending: int) -> tuple[int, int | None]:
     """(worker processes, torch threads per run) of the local executor for `pending` runs still to do.
 
@@ -105,25 +97,6 @@ def local_layout(options: Any, on_cpu: bool, pending: int) -> tuple[int, int | N
     else:
         workers = options.workers
     return max(1, min(workers, pending)), threads
-
-
-@contextmanager
-def cpu_threads(threads: int | None) -> Iterator[None]:
-    """`threads` threads for torch and for the BLAS and OpenMP pools loaded (numpy, scipy, scikit-learn,
-    faiss) inside the block (None: unchanged), restored after it."""
-    if threads is None:
-        yield
-        return
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with threadpool_limits(limits=threads):
-            yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # Read by BLAS and OpenMP runtimes when they load: a worker sets them before loading any it has not yet.

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mage_bench"
 # Longest matching prefix decides a module's layer.
 LAYERS = {
     "mage_bench": 0, "mage_bench.errors": 0, "mage_bench.registry": 0, "mage_bench.schema": 0,
-    "mage_bench.metrics": 0, "mage_bench.io": 0, "mage_bench.schedule": 0,
+    "mage_bench.metrics": 0, "mage_bench.io": 0, "mage_bench.schedule": 0, "mage_bench.threads": 0,
     "mage_bench.mage": 1, "mage_bench.cards": 1,
     "mage_bench.config": 2, "mage_bench.tokenizer": 2, "mage_bench.data": 2,
     # the trainers (MAGE's and the tokenizer's) share one skeleton, `training`

@@ -220,7 +220,7 @@ def test_a_stopped_side_by_side_sweep_leaves_no_worker_and_the_rerun_gives_the_s
 
 def test_training_records_its_threads_and_a_resume_on_other_threads(tmp_path, tiny_run_layer):
     from mage_bench.config import RunConfig, resolve_config
-    from mage_bench.executors import cpu_threads
+    from mage_bench.threads import cpu_threads
     from mage_bench.train import train
 
     config = resolve_config(RunConfig, tiny_run_layer)
