@@ -282,17 +282,26 @@ def _evaluate_generation(run: Any, settings: EvalConfig, data: DataConfig, flags
                          resume: bool) -> dict[str, list[dict[str, Any]]]:
     """RUN/eval/fid.json: the generation metrics with the settings' extractor and backend (no profile)."""
     from mage_bench.eval import generation
-    from mage_bench.results import config_hash, read_records
+    from mage_bench.results import config_hash
 
     name = generation.EVALUATOR
     inputs = evaluation_inputs(run, name, data, dataset_identities(data, (settings.real_split,)), settings, sweep,
                                config_hash(run.config), GENERATION_SETTINGS, flags=list(dict.fromkeys(flags)))
+    return {name: _read_back_or_compute(run, name, inputs, resume, lambda: generation.evaluate_generation(
+        run, data.name, settings, flags, cache_dir=cache_dir, progress=progress, sweep=sweep, samples=samples))}
+
+
+def _read_back_or_compute(run: Any, name: str, inputs: dict[str, Any], resume: bool,
+                          compute: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Evaluator `name`'s records: read back when resuming with the inputs they were made from, else
+    `compute`d and their inputs remembered (after the records: inputs only ever describe records)."""
+    from mage_bench.results import read_records
+
     if resume and inputs_match(run, name, inputs):
-        return {name: read_records(records_path(run, name))}
-    records = generation.evaluate_generation(run, data.name, settings, flags, cache_dir=cache_dir,
-                                             progress=progress, sweep=sweep, samples=samples)
+        return read_records(records_path(run, name))
+    records = compute()
     remember_inputs(run, name, inputs)
-    return {name: records}
+    return records
 
 
 def _evaluate_profile(run: Any, settings: EvalConfig, data: DataConfig, data_name: str | None,
@@ -300,7 +309,7 @@ def _evaluate_profile(run: Any, settings: EvalConfig, data: DataConfig, data_nam
                       resume: bool) -> dict[str, list[dict[str, Any]]]:
     """RUN/eval/fid-<profile>.json: the generation metrics under the settings' evaluation profile."""
     from mage_bench.eval.profile_eval import check_weights, evaluate_profile, records_name
-    from mage_bench.results import config_hash, read_records
+    from mage_bench.results import config_hash
 
     profile = profile_for_runs(settings.profile)
     name = records_name(profile)
@@ -310,14 +319,9 @@ def _evaluate_profile(run: Any, settings: EvalConfig, data: DataConfig, data_nam
     inputs = evaluation_inputs(run, name, data, dataset_identities(data, split), settings, sweep,
                                config_hash(run.config), ("weights",), profile=profile.describe(),
                                weights_sha256=weights_sha256)
-    written = {}
-    if resume and inputs_match(run, name, inputs):
-        written[name] = read_records(records_path(run, name))
-    else:
-        written[name] = evaluate_profile(run, data.name, profile, weights=settings.weights, device=settings.device,
-                                         cache_dir=cache_dir, progress=progress, sweep=sweep,
-                                         stream=settings.stream_samples)
-        remember_inputs(run, name, inputs)
+    written = {name: _read_back_or_compute(run, name, inputs, resume, lambda: evaluate_profile(
+        run, data.name, profile, weights=settings.weights, device=settings.device, cache_dir=cache_dir,
+        progress=progress, sweep=sweep, stream=settings.stream_samples))}
     if settings.decode_grid:  # the decoding sweep under the same profile, apart from its headline records
         from mage_bench.eval import decode_grid
 
@@ -326,14 +330,9 @@ def _evaluate_profile(run: Any, settings: EvalConfig, data: DataConfig, data_nam
         inputs = evaluation_inputs(run, name, data, dataset_identities(data, split), settings, sweep,
                                    config_hash(run.config), ("weights", "decode_grid"), profile=profile.describe(),
                                    weights_sha256=weights_sha256)
-        if resume and inputs_match(run, name, inputs):
-            written[name] = read_records(records_path(run, name))
-        else:
-            written[name] = decode_grid.evaluate_decode_grid(run, data.name, profile, grid, weights=settings.weights,
-                                                             device=settings.device, cache_dir=cache_dir,
-                                                             progress=progress, sweep=sweep,
-                                                             stream=settings.stream_samples)
-            remember_inputs(run, name, inputs)
+        written[name] = _read_back_or_compute(run, name, inputs, resume, lambda: decode_grid.evaluate_decode_grid(
+            run, data.name, profile, grid, weights=settings.weights, device=settings.device, cache_dir=cache_dir,
+            progress=progress, sweep=sweep, stream=settings.stream_samples))
     return written
 
 
