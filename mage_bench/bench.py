@@ -221,8 +221,10 @@ def _side_by_side(name: str, batch_size: int, steps: int, peak: float, compile: 
 
 def _bench_worker(name: str, batch_size: int, steps: int, peak: float, compile: bool, threads: int | None,
                   barrier: Any, results: Any) -> None:
-    if threads is not None:
-        torch.set_num_threads(threads)
+    if threads is not None:  # as the local executor's workers
+        from mage_bench.threads import use_threads_from_now
+
+        use_threads_from_now(threads)
     try:
         results.put(bench_model(name, batch_size, steps, torch.device("cpu"), peak, compile=compile,
                                 before_timing=barrier.wait))

@@ -34,7 +34,7 @@ from mage_bench.errors import UserError
 from mage_bench.registry import Registry
 from mage_bench.run_job import EvaluateTask, RunTask, execute_run, sweep_evaluation, trained_already
 from mage_bench.runs import DONE_FILE, SHARED_DIR
-from mage_bench.threads import cpu_cores, cpu_threads
+from mage_bench.threads import cpu_cores, cpu_threads, use_threads_from_now
 
 
 @dataclass
@@ -99,21 +99,10 @@ def local_layout(options: Any, on_cpu: bool, pending: int) -> tuple[int, int | N
     return max(1, min(workers, pending)), threads
 
 
-# Read by BLAS and OpenMP runtimes when they load: a worker sets them before loading any it has not yet.
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-_limits: Any = None  # a worker's threadpoolctl limits, kept for its life
-
-
 def _worker_init(threads: int | None, parent: int) -> None:
-    global _limits
     _die_with_parent(parent)
-    if threads is not None:  # every pool of this worker, not only torch's: W workers must not use W x cores
-        os.environ.update({name: str(threads) for name in THREAD_VARIABLES})
-        import torch
-        from threadpoolctl import threadpool_limits
-
-        torch.set_num_threads(threads)
-        _limits = threadpool_limits(limits=threads)
+    if threads is not None:
+        use_threads_from_now(threads)
 
 
 def _die_with_parent(parent: int) -> None:
